@@ -1,0 +1,11 @@
+"""zaya: ZAYA1 MoE in JAX, converted to a TiDAR block-diffusion model and decoded with block samplers."""
+from zaya.api import Model, load
+from zaya.config import ZayaConfig, from_hf_config, preset
+
+__all__ = ["Model", "ZayaConfig", "from_hf_config", "generate", "load", "preset"]
+
+
+def generate(*args, **kwargs):
+    """See ``zaya.decode.generate.generate``."""
+    from zaya.decode.generate import generate as _generate
+    return _generate(*args, **kwargs)

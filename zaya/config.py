@@ -1,0 +1,276 @@
+"""The ZAYA1 model config: one frozen dataclass, readers for both HF config layouts, presets.
+
+``from_hf_config`` is strict (penzai-style): a key that would change the math and is not handled is an error that
+names it, so a checkpoint we do not understand is refused instead of silently mis-loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config we refuse to load; the message names the field and says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ZayaConfig:
+    vocab_size: int = 262272
+    hidden_size: int = 2048
+    num_layers: int = 40
+    num_q_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 128
+    num_experts: int = 16
+    moe_intermediate_size: int = 2048
+    router_hidden_size: int = 256
+    rope_theta: float = 5e6
+    partial_rotary_factor: float = 0.5
+    rms_norm_eps: float = 1e-5
+    router_norm_eps: float = 1e-5  # legacy `zaya` branch checkpoints use 1e-6 (see docs §3)
+    max_position_embeddings: int = 131072
+    bos_token_id: int = 2
+    eos_token_id: int = 106
+    pad_token_id: int = 0
+    mask_token_id: int = 4  # TiDAR <mask> in the Gemma-3 vocabulary (Zyphra's DEFAULT_TIDAR_MASK_TOKEN_ID)
+    dtype: str = "bfloat16"  # weights and matmuls; residual stream, norms, router softmax, logits are fp32
+
+    def __post_init__(self):
+        if self.num_q_heads % self.num_kv_heads:
+            raise ConfigError(f"num_q_heads={self.num_q_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if (self.num_kv_heads * self.head_dim) % 2:
+            raise ConfigError("num_kv_heads * head_dim must be even (values are half current, half delayed)")
+        rot = self.rotary_dim
+        if rot % 2 or rot > self.head_dim:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} gives an odd rotary dim {rot}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}; use float32, bfloat16 or float16")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def conv_channels(self) -> int:
+        return (self.num_q_heads + self.num_kv_heads) * self.head_dim
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    def replace(self, **kw) -> "ZayaConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ZayaConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown ZayaConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def num_params(self) -> int:
+        D, L, E, F, R = self.hidden_size, self.num_layers, self.num_experts, self.moe_intermediate_size, self.router_hidden_size
+        H, K, d, C = self.num_q_heads, self.num_kv_heads, self.head_dim, self.conv_channels
+        attn = D * (H * d + K * d + K * d) + 2 * C + C * 2 + C * d * 2 + K + H * d * D
+        router = D * R + R + R + R + 2 * (R * R + R) + R * (E + 1)  # balancing biases are buffers, not params
+        layer = attn + router + E * (2 * F * D + F * D) + 10 * D
+        return self.vocab_size * D + 3 * D + L * layer - R  # layer 0 has no router_states_scale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HF config readers.
+
+# Keys that do not change the forward math (bookkeeping, generation defaults, training-only settings).
+_HARMLESS = {
+    "architectures", "auto_map", "dtype", "torch_dtype", "transformers_version", "initializer_range", "use_cache",
+    "output_router_logits", "attention_dropout", "model_type", "_name_or_path", "name_or_path", "bos_token_id",
+    "eos_token_id", "pad_token_id", "max_position_embeddings", "router_aux_loss_coef", "output_attentions",
+    "output_hidden_states", "return_dict", "id2label", "label2id", "tokenizer_class", "problem_type",
+    "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder", "finetuning_task", "_attn_implementation",
+    "activation_func_fp8_input_store", "bias_activation_fusion", "residual_in_fp32",  # numerics only (we keep fp32)
+    "num_hidden_layers",  # legacy: ignored (ZAYA1-base says 120); native: checked against layer_types
+    "kv_channels", "mask_token_id",
+}
+
+
+def _require(cfg: dict, key: str, ok, expected: str):
+    if key in cfg and not ok(cfg[key]):
+        raise ConfigError(f"config field {key}={cfg[key]!r} is not supported (expected {expected}); "
+                          "zaya refuses configs whose math it does not implement")
+
+
+def _first_id(x, default):
+    if x is None:
+        return default
+    return int(x[0] if isinstance(x, (list, tuple)) else x)
+
+
+def is_legacy_config(cfg: dict) -> bool:
+    return "zaya_layers" in cfg or "ffn_hidden_size" in cfg or "ffn_hidden_size_list" in cfg
+
+
+def from_hf_config(cfg: dict | str, dtype: str | None = None) -> ZayaConfig:
+    """Read a native (transformers >= 5.13) or legacy (Zyphra fork) ZAYA1 ``config.json`` (dict or path)."""
+    if isinstance(cfg, str):
+        with open(cfg) as f:
+            cfg = json.load(f)
+    mt = cfg.get("model_type")
+    if mt != "zaya":
+        raise ConfigError(f"model_type={mt!r}; zaya reads only model_type 'zaya' checkpoints (ZAYA1 family)")
+    common = dict(
+        vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
+        bos_token_id=_first_id(cfg.get("bos_token_id"), 2), eos_token_id=_first_id(cfg.get("eos_token_id"), 106),
+        pad_token_id=_first_id(cfg.get("pad_token_id"), 0), mask_token_id=int(cfg.get("mask_token_id", 4)),
+    )
+    if dtype is not None:
+        common["dtype"] = dtype
+    _require(cfg, "attention_bias", lambda v: v is False, "false")
+    _require(cfg, "lm_head_bias", lambda v: v is False, "false")
+    _require(cfg, "tie_word_embeddings", lambda v: v is True, "true (tied lm_head)")
+    _require(cfg, "sliding_window", lambda v: v is None, "null (no sliding-window layers)")
+    _require(cfg, "attention_dropout", lambda v: v == 0, "0")
+    return (_from_legacy if is_legacy_config(cfg) else _from_native)(cfg, common)
+
+
+_NATIVE_KEYS = {"vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "moe_intermediate_size", "num_experts", "num_experts_per_tok", "router_hidden_size", "cca_time0",
+                "cca_time1", "hidden_act", "rms_norm_eps", "layer_types", "rope_parameters", "rope_theta",
+                "partial_rotary_factor", "rope_scaling", "tie_word_embeddings", "lm_head_bias", "attention_bias",
+                "sliding_window"}
+
+
+def _check_unknown(cfg: dict, known: set):
+    unknown = sorted(set(cfg) - known - _HARMLESS)
+    if unknown:
+        raise ConfigError(f"config field(s) {unknown} are not understood by zaya; they may change the model's math. "
+                          "Remove them if they are bookkeeping, or add support before loading this checkpoint")
+
+
+def _from_native(cfg: dict, common: dict) -> ZayaConfig:
+    _check_unknown(cfg, _NATIVE_KEYS)
+    _require(cfg, "num_experts_per_tok", lambda v: v == 1, "1 (top-1 routing)")
+    _require(cfg, "hidden_act", lambda v: v == "silu", "'silu' (SwiGLU experts)")
+    _require(cfg, "cca_time0", lambda v: v == 2, "2")
+    _require(cfg, "cca_time1", lambda v: v == 2, "2")
+    _require(cfg, "rope_scaling", lambda v: not v, "null (no RoPE scaling)")
+    layer_types = cfg.get("layer_types") or ["hybrid"] * int(cfg["num_hidden_layers"])
+    bad = sorted(set(layer_types) - {"hybrid"})
+    if bad:
+        raise ConfigError(f"layer_types contains {bad}; only 'hybrid' (full CCA attention) layers are supported")
+    if "num_hidden_layers" in cfg and int(cfg["num_hidden_layers"]) != len(layer_types):
+        raise ConfigError(f"num_hidden_layers={cfg['num_hidden_layers']} disagrees with len(layer_types)={len(layer_types)}")
+    rp = cfg.get("rope_parameters") or {}
+    rp = rp.get("hybrid", rp) if isinstance(rp, dict) else {}
+    if rp.get("rope_type", "default") != "default":
+        raise ConfigError(f"rope_parameters.hybrid.rope_type={rp.get('rope_type')!r}; only 'default' is supported")
+    theta = float(rp.get("rope_theta", cfg.get("rope_theta", 5e6)))
+    partial = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
+    eps = float(cfg.get("rms_norm_eps", 1e-5))
+    return ZayaConfig(
+        num_layers=len(layer_types), num_q_heads=int(cfg["num_attention_heads"]),
+        num_kv_heads=int(cfg["num_key_value_heads"]), head_dim=int(cfg["head_dim"]),
+        num_experts=int(cfg["num_experts"]), moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+        router_hidden_size=int(cfg["router_hidden_size"]), rope_theta=theta, partial_rotary_factor=partial,
+        rms_norm_eps=eps, router_norm_eps=eps, **common)
+
+
+_LEGACY_KEYS = {"vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "zaya_layers",
+                "cca_num_q_heads", "num_query_groups_list", "num_query_groups", "ffn_hidden_size_list",
+                "ffn_hidden_size", "zaya_mlp_expansion", "num_experts", "head_dim", "moe_router_topk",
+                "norm_epsilon", "rope_theta", "partial_rotary_factor", "rope_scaling", "activation_func",
+                "gated_linear_unit", "add_bias_linear", "cca", "scale_residual_merge", "zaya_use_eda",
+                "zaya_use_mod", "tie_word_embeddings", "lm_head_bias", "attention_bias", "sliding_window",
+                "layernorm_epsilon", "normalization"}
+
+
+def _from_legacy(cfg: dict, common: dict) -> ZayaConfig:
+    _check_unknown(cfg, _LEGACY_KEYS)
+    for key, want in [("activation_func", "swiglu"), ("gated_linear_unit", True), ("add_bias_linear", False),
+                      ("cca", True), ("scale_residual_merge", True), ("zaya_use_eda", True), ("zaya_use_mod", True),
+                      ("moe_router_topk", 1), ("normalization", "RMSNorm")]:
+        _require(cfg, key, lambda v, w=want: v == w, repr(want))
+    _require(cfg, "rope_scaling", lambda v: not v, "null/false (no RoPE scaling)")
+    D = int(cfg["hidden_size"])
+    if "zaya_layers" in cfg:  # per-layer-list schema (`zaya` branch, ZAYA1-base)
+        layers = cfg["zaya_layers"]
+        if len(layers) % 2 or any(layers[i] != "a" or not isinstance(layers[i + 1], int) for i in range(0, len(layers), 2)):
+            raise ConfigError(f"zaya_layers={layers!r}: expected alternating ['a', num_experts, ...]")
+        experts = set(layers[1::2])
+        if len(experts) != 1:
+            raise ConfigError(f"zaya_layers has different expert counts {sorted(experts)}; zaya needs one count")
+
+        def per_layer(key, idx):
+            vals = set(cfg[key][idx::2])
+            if len(vals) != 1:
+                raise ConfigError(f"{key} varies across layers ({sorted(vals)}); zaya needs one value")
+            return int(vals.pop())
+        n_layers, E = len(layers) // 2, experts.pop()
+        Hq = per_layer("cca_num_q_heads", 0)
+        K = per_layer("num_query_groups_list", 0) if "num_query_groups_list" in cfg else int(cfg["num_key_value_heads"])
+        ffn, R = per_layer("ffn_hidden_size_list", 1), per_layer("zaya_mlp_expansion", 1)
+        d = D // int(cfg["num_attention_heads"])
+        # The fork reads a `layernorm_epsilon` key that the released config lacks, so its router norm uses 1e-6.
+        router_eps = float(cfg.get("layernorm_epsilon", 1e-6))
+    else:  # scalar schema (ZAYA1-8B-legacy)
+        if "num_hidden_layers" not in cfg or int(cfg["num_hidden_layers"]) % 2:
+            raise ConfigError("scalar legacy config needs an even num_hidden_layers (attention + MoE pairs)")
+        n_layers, E = int(cfg["num_hidden_layers"]) // 2, int(cfg["num_experts"])
+        Hq, K = int(cfg["num_attention_heads"]), int(cfg.get("num_query_groups", cfg["num_key_value_heads"]))
+        ffn, R = int(cfg["ffn_hidden_size"]), int(cfg["zaya_mlp_expansion"])
+        d = int(cfg.get("head_dim") or cfg.get("kv_channels") or D // Hq)
+        router_eps = float(cfg.get("norm_epsilon", 1e-5))
+    if "kv_channels" in cfg and int(cfg["kv_channels"]) != d:
+        raise ConfigError(f"kv_channels={cfg['kv_channels']} disagrees with head_dim={d}")
+    if ffn % 2:
+        raise ConfigError(f"ffn_hidden_size={ffn} must be even (gate and up halves)")
+    return ZayaConfig(
+        num_layers=n_layers, num_q_heads=Hq, num_kv_heads=K, head_dim=d, num_experts=E, moe_intermediate_size=ffn // 2,
+        router_hidden_size=R, rope_theta=float(cfg.get("rope_theta", 1e6)),
+        partial_rotary_factor=float(cfg.get("partial_rotary_factor", 0.5)),
+        rms_norm_eps=float(cfg.get("norm_epsilon", 1e-5)), router_norm_eps=router_eps, **common)
+
+
+def to_hf_config(c: ZayaConfig) -> dict:
+    """The native (transformers >= 5.24) ``config.json`` for a zaya config."""
+    return {
+        "architectures": ["ZayaForCausalLM"], "model_type": "zaya", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_q_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "moe_intermediate_size": c.moe_intermediate_size,
+        "num_experts": c.num_experts, "num_experts_per_tok": 1, "router_hidden_size": c.router_hidden_size,
+        "cca_time0": 2, "cca_time1": 2, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings, "layer_types": ["hybrid"] * c.num_layers,
+        "sliding_window": None, "tie_word_embeddings": True, "lm_head_bias": False, "attention_bias": False,
+        "rope_parameters": {"hybrid": {"rope_type": "default", "rope_theta": c.rope_theta,
+                                       "partial_rotary_factor": c.partial_rotary_factor}},
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+        "dtype": c.dtype,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets.
+
+PRESETS: dict[str, ZayaConfig] = {
+    "zaya1-8b": ZayaConfig(),
+    "zaya1-base": ZayaConfig(rope_theta=1e6, max_position_embeddings=32768, eos_token_id=1, router_norm_eps=1e-6),
+    # Test sizes: every term of the forward pass present, small enough for CPU tests.
+    "tiny": ZayaConfig(vocab_size=512, hidden_size=64, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                       num_experts=4, moe_intermediate_size=32, router_hidden_size=16, max_position_embeddings=512,
+                       dtype="float32"),
+    # ~100M parameters, for CPU benchmarks.
+    "small-100m": ZayaConfig(vocab_size=32768, hidden_size=512, num_layers=12, num_q_heads=8, num_kv_heads=2,
+                             head_dim=64, num_experts=8, moe_intermediate_size=512, router_hidden_size=64,
+                             max_position_embeddings=4096, dtype="float32"),
+}
+
+
+def preset(name: str, **overrides: Any) -> ZayaConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

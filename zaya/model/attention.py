@@ -1,0 +1,135 @@
+"""The one attention entry point. Every caller goes through ``attend``; implementations are swappable by name.
+
+  reference  dense mask from the layout, one softmax (tests; small T)
+  chunked    flash-style online softmax over key tiles; the mask tile is computed from the layout ids, so memory
+             is O(T * tile) per row instead of O(T^2) (training at long context, long prefill)
+
+A Pallas kernel (Triton-style, for CUDA and ROCm) registers here under a new name without touching callers.
+Scores are ``q . k * d^-0.5`` in fp32; q/k arrive already L2-normalised, temperature-scaled and rotated (CCA).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from zaya.model.layout import Layout, allowed, cache_allowed
+
+_NEG = -1e30
+IMPLS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        IMPLS[name] = fn
+        return fn
+    return deco
+
+
+def attend(q_BTHd, k_BTKd, v_BTKd, layout: Layout, cache_k=None, cache_v=None, cache_len=None, impl="reference"):
+    """Attention of T new queries over [cached keys (cache_k [B, S, K, d], valid below cache_len [B]) ; new keys].
+
+    Returns [B, T, H, d] in the dtype of v. Queries that see no key (padding) return zeros.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; registered: {sorted(IMPLS)}")
+    return IMPLS[impl](q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len)
+
+
+def _sources(k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+    """Key sources as (k, v, mask_fn(a, n) -> [B, T, n]): the cache (if any) and the new chunk.
+
+    Kept separate (merged by log-sum-exp) so decoding never copies the cache into a concatenated buffer.
+    """
+    L = layout
+    qi = lambda x: x[:, :, None]
+
+    def chunk_mask(a, n):
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, a, n, 1)[:, None, :]
+        return allowed(qi(L.pos), qi(L.seg), qi(L.blk), qi(L.ctx), sl(L.pos), sl(L.seg), sl(L.blk), L.block_causal)
+    out = [(k_BTKd, v_BTKd, chunk_mask)]
+    if cache_k is not None:
+        def cache_mask(a, n):
+            slot = (a + jnp.arange(n, dtype=jnp.int32))[None, None, :]
+            return cache_allowed(qi(L.ctx), qi(L.seg), slot, cache_len[:, None, None])
+        out.insert(0, (cache_k, cache_v, cache_mask))
+    return out
+
+
+def _partial(q_BKGTd, k_BSKd, v_BSKd, m_BTS):
+    """Unnormalised attention over one key set: (running max, sum of exp, weighted values), fp32."""
+    s = jnp.einsum("bkgtd,bskd->bkgts", q_BKGTd, k_BSKd.astype(jnp.float32))
+    mask = m_BTS[:, None, None]
+    s = jnp.where(mask, s, _NEG)
+    m = s.max(-1)
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    return m, p.sum(-1), jnp.einsum("bkgts,bskd->bkgtd", p, v_BSKd.astype(jnp.float32))
+
+
+def _merge(x, y):
+    (m1, l1, a1), (m2, l2, a2) = x, y
+    m = jnp.maximum(m1, m2)
+    c1, c2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
+    return m, l1 * c1 + l2 * c2, a1 * c1[..., None] + a2 * c2[..., None]
+
+
+def _finish(state, shape, dtype):
+    B, T, H, d = shape
+    _, l, acc = state
+    o = acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows with no visible key give 0
+    return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, d).astype(dtype)
+
+
+def _queries(q_BTHd, K):
+    B, T, H, d = q_BTHd.shape
+    q = q_BTHd.reshape(B, T, K, H // K, d).astype(jnp.float32) * (d ** -0.5)
+    return jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, d]
+
+
+@register("reference")
+def _reference(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+    q = _queries(q_BTHd, k_BTKd.shape[2])
+    state = None
+    for k, v, mask in _sources(k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+        part = _partial(q, k, v, mask(0, k.shape[1]))
+        state = part if state is None else _merge(state, part)
+    return _finish(state, q_BTHd.shape, v_BTKd.dtype)
+
+
+@register("chunked")
+def _chunked(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len, tile: int = 512):
+    q = _queries(q_BTHd, k_BTKd.shape[2])
+    state = None
+    for k, v, mask in _sources(k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+        S = k.shape[1]
+        n = min(tile, S)
+        n_tiles = -(-S // n)
+        pad = n_tiles * n - S
+        kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+        @functools.partial(jax.checkpoint, prevent_cse=False)  # backward keeps carries only: O(T * tile) memory
+        def step(carry, i, kp=kp, vp=vp, mask=mask, S=S, n=n):
+            a = i * n
+            kt = jax.lax.dynamic_slice_in_dim(kp, a, n, 1)
+            vt = jax.lax.dynamic_slice_in_dim(vp, a, n, 1)
+            return _merge(carry, _partial(q, kt, vt, _tile_mask(mask, a, n, S))), None
+
+        B, K, G, T, d = q.shape
+        init = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+                jnp.zeros((B, K, G, T, d), jnp.float32))
+        part, _ = jax.lax.scan(step, init, jnp.arange(n_tiles))
+        state = part if state is None else _merge(state, part)
+    return _finish(state, q_BTHd.shape, v_BTKd.dtype)
+
+
+def _tile_mask(mask, a, n, S):
+    """Mask tile for keys [a, a+n); keys past S (padding of the last tile) are masked out."""
+    if S % n == 0:
+        return mask(a, n)
+    start = jnp.minimum(a, S - n)  # dynamic_slice would clamp; shift the tile back and realign
+    m = mask(start, n)
+    idx = jnp.clip(jnp.arange(n) + (a - start), 0, n - 1)
+    return jnp.take(m, idx, axis=-1) & ((a + jnp.arange(n)) < S)[None, None, :]

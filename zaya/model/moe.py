@@ -1,0 +1,72 @@
+"""ZAYA1 MoE block: MLP router with depth mixing (EDA), top-1 over E experts + 1 MoD skip class, SwiGLU experts.
+
+Two dispatch implementations with identical math:
+  ragged  dropless: sort tokens by expert, two ``jax.lax.ragged_dot`` calls, inverse permutation
+  dense   every expert on every token, select with a one-hot (the reference; tests compare the two)
+The skip class (e* == E) outputs 0 as in mainline transformers and vLLM; how often it wins is returned so callers
+can count it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zaya.config import ZayaConfig
+from zaya.model.layers import rms_norm
+
+
+def router(p: dict, c: ZayaConfig, m_BTD, prev_r_BTR):
+    """Returns (expert index [B, T] in 0..E, gate weight [B, T] fp32, router state r for the next layer, probs)."""
+    f32 = lambda n: p[n].astype(jnp.float32)
+    r = jnp.einsum("btd,dr->btr", m_BTD.astype(jnp.float32), f32("down_w")) + f32("down_b")
+    r = r + prev_r_BTR * f32("states_scale")  # prev_r is zero for layer 0, which has no depth mixing
+    z = rms_norm(r, f32("norm"), c.router_norm_eps)
+    z = jax.nn.gelu(z @ f32("fc1_w") + f32("fc1_b"), approximate=False)
+    z = jax.nn.gelu(z @ f32("fc2_w") + f32("fc2_b"), approximate=False)
+    probs = jax.nn.softmax(z @ f32("out_w"), axis=-1)  # [B, T, E+1]
+    choice = jnp.argmax(probs + p["bias"].astype(jnp.float32), axis=-1)  # balancing biases only steer the choice
+    gate = jnp.take_along_axis(probs, choice[..., None], -1)[..., 0]  # not renormalised
+    return choice, gate, r, probs
+
+
+def _swiglu(h, F):
+    return jax.nn.silu(h[..., :F]) * h[..., F:]
+
+
+def experts_dense(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
+    w_up, w_down = p["gate_up"], p["down"]
+    x = m_BTD.astype(w_up.dtype)
+    h = jnp.einsum("btd,edf->btef", x, w_up, preferred_element_type=jnp.float32).astype(w_up.dtype)
+    y = jnp.einsum("btef,efd->bted", _swiglu(h, c.moe_intermediate_size), w_down, preferred_element_type=jnp.float32)
+    onehot = jax.nn.one_hot(choice_BT, c.num_experts + 1, dtype=jnp.float32)[..., : c.num_experts]
+    return jnp.einsum("bted,bte->btd", y, onehot * gate_BT[..., None])
+
+
+def experts_ragged(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
+    B, T, D = m_BTD.shape
+    E = c.num_experts
+    w_up, w_down = p["gate_up"], p["down"]
+    x = m_BTD.reshape(B * T, D).astype(w_up.dtype)
+    skip = choice_BT.reshape(-1) == E
+    e = jnp.where(skip, E - 1, choice_BT.reshape(-1))  # skip tokens ride along with weight 0
+    w = jnp.where(skip, 0.0, gate_BT.reshape(-1))
+    order = jnp.argsort(e, stable=True)
+    sizes = jnp.bincount(e, length=E).astype(jnp.int32)
+    h = jax.lax.ragged_dot(x[order], w_up, sizes, preferred_element_type=jnp.float32).astype(w_up.dtype)
+    y = jax.lax.ragged_dot(_swiglu(h, c.moe_intermediate_size), w_down, sizes, preferred_element_type=jnp.float32)
+    y = y * w[order][:, None]
+    out = jnp.zeros_like(y).at[order].set(y)
+    return out.reshape(B, T, D)
+
+
+EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
+
+
+def moe(p_router: dict, p_experts: dict, c: ZayaConfig, m_BTD, prev_r, impl: str = "ragged"):
+    """Returns (output [B, T, D] fp32, router state for the next layer, stats)."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"unknown MoE impl {impl!r}; choose one of {sorted(EXPERT_IMPLS)}")
+    choice, gate, r, probs = router(p_router, c, m_BTD, prev_r)
+    y = EXPERT_IMPLS[impl](p_experts, c, m_BTD, choice, gate)
+    stats = {"counts": jnp.bincount(choice.reshape(-1), length=c.num_experts + 1), "probs_mean": probs.mean((0, 1))}
+    return y, r, stats
