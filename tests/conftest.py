@@ -1,0 +1,33 @@
+"""Test setup: 8 simulated CPU devices (sharding tests), fp32 matmuls, shared fixtures."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "zaya_tiny")
+FIXTURES = os.environ.get("ZAYA_FIXTURES", os.path.abspath(FIXTURES))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    if not os.path.isdir(FIXTURES):
+        pytest.fail(f"fixtures not found at {FIXTURES}; set ZAYA_FIXTURES to ../shared/fixtures/zaya_tiny")
+    return FIXTURES
+
+
+def randomize(params, key, scale=0.3):
+    """Perturb every leaf (norms, scales, biases, temperatures included) so no term of the forward is trivial."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for x, k in zip(leaves, keys):
+        noise = jax.random.normal(k, x.shape, np.float32) * scale * (np.abs(np.asarray(x, np.float32)).mean() + 0.05)
+        out.append((x.astype(np.float32) + noise).astype(x.dtype))
+    return jax.tree.unflatten(tree, out)

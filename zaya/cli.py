@@ -1,0 +1,107 @@
+"""The ``zaya`` command line: convert, export, generate, bench, train, demo.
+
+Every subcommand imports its module lazily so ``zaya --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(a):
+    from zaya.convert.cli import convert
+    convert(a.src, a.dst, dtype=a.dtype, overwrite=a.overwrite)
+
+
+def _export(a):
+    from zaya.convert.cli import export
+    export(a.src, a.dst, overwrite=a.overwrite, max_shard_gb=a.max_shard_gb)
+
+
+def _generate(a):
+    from zaya.decode.cli import main
+    main(a)
+
+
+def _bench(a):
+    from zaya.bench.cli import main
+    main(a)
+
+
+def _train(a, rest):
+    from zaya.train.cli import main
+    main(a, rest)
+
+
+def _demo(a):
+    from zaya.demo import main
+    main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zaya", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("convert", help="HF safetensors checkpoint (native or legacy) -> zaya Orbax checkpoint")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=_convert)
+
+    e = sub.add_parser("export", help="zaya checkpoint -> native-layout HF safetensors (transformers/vLLM/SGLang)")
+    e.add_argument("src")
+    e.add_argument("dst")
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--max-shard-gb", type=float, default=5.0)
+    e.set_defaults(fn=_export)
+
+    g = sub.add_parser("generate", help="decode from a prompt")
+    g.add_argument("model", help="checkpoint folder (HF or zaya) or preset:NAME for random weights")
+    g.add_argument("--prompt", action="append", default=None, help="text (needs tokenizer.json) or ids '1,2,3'")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sampler", default="ar")
+    g.add_argument("--acceptance", default="greedy")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--levels", default=None, help="single_forward proposal levels, e.g. 0,4,7,11")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eos-id", type=int, default=None)
+    g.add_argument("--dtype", default="float32")
+    g.set_defaults(fn=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers")
+    b.add_argument("what", choices=["forward", "decode", "convert", "samplers", "all"])
+    b.add_argument("--preset", action="append", default=None, help="model presets (default: tiny and small-100m)")
+    b.add_argument("--out", default=None, help="write the table (Markdown) and figures here")
+    b.add_argument("--size-gb", type=float, default=1.0, help="convert: synthetic checkpoint size")
+    b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke runs)")
+    b.set_defaults(fn=_bench)
+
+    t = sub.add_parser("train", help="train from an ml-collections config (AR pretraining or TiDAR conversion)")
+    t.add_argument("--config", required=True, help="experiments/X.py[:variant]")
+    t.add_argument("--workdir", required=True)
+    t.set_defaults(fn=None)
+
+    d = sub.add_parser("demo", help="pretrain a tiny MoE, convert it with TiDAR, evaluate, decode (CPU, minutes)")
+    d.add_argument("--out", default="zaya_demo")
+    d.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
+    d.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "train":
+        return _train(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
