@@ -9,6 +9,8 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 
 class ConfigError(ValueError):
     """A config we refuse to load; the message names the field and says how to fix it."""
@@ -37,6 +39,16 @@ class ZayaConfig:
     dtype: str = "bfloat16"  # weights and matmuls; residual stream, norms, router softmax, logits are fp32
 
     def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "num_layers", "num_q_heads", "num_kv_heads", "head_dim", "num_experts",
+                  "moe_intermediate_size", "router_hidden_size", "max_position_embeddings"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ConfigError(f"{f}={v!r} must be a positive integer")
+        for f in ("rope_theta", "rms_norm_eps", "router_norm_eps"):
+            if not getattr(self, f) > 0:
+                raise ConfigError(f"{f}={getattr(self, f)!r} must be positive")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor!r} must be in (0, 1]")
         if self.num_q_heads % self.num_kv_heads:
             raise ConfigError(f"num_q_heads={self.num_q_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if (self.num_kv_heads * self.head_dim) % 2:
@@ -104,29 +116,70 @@ def _require(cfg: dict, key: str, ok, expected: str):
                           "zaya refuses configs whose math it does not implement")
 
 
+def _int(cfg: dict, key: str, value=None, positive: bool = True) -> int:
+    """cfg[key] (or ``value``, an element of it) as an int; a missing, non-integer or (``positive``) non-positive
+    value is a ConfigError naming the field."""
+    if value is None:
+        if key not in cfg or cfg[key] is None:
+            raise ConfigError(f"config field {key!r} is missing; zaya needs it to know the model's shape")
+        value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ConfigError(f"config field {key}={value!r} must be an integer")
+    if positive and value <= 0:
+        raise ConfigError(f"config field {key}={value!r} must be positive")
+    return int(value)
+
+
+def _float(cfg: dict, key: str, default: float) -> float:
+    v = cfg.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"config field {key}={v!r} must be a number")
+    return float(v)
+
+
 def _first_id(x, default):
     if x is None:
         return default
     return int(x[0] if isinstance(x, (list, tuple)) else x)
 
 
+# Keys only the legacy (Zyphra fork) schemas have, and keys only the native (transformers 5.x) schema has.
+_LEGACY_ONLY = {"zaya_layers", "ffn_hidden_size", "ffn_hidden_size_list", "zaya_mlp_expansion", "cca_num_q_heads",
+                "num_query_groups", "num_query_groups_list", "moe_router_topk", "norm_epsilon", "zaya_use_eda",
+                "zaya_use_mod", "activation_func", "gated_linear_unit", "add_bias_linear", "scale_residual_merge"}
+_NATIVE_ONLY = {"layer_types", "rope_parameters", "moe_intermediate_size", "router_hidden_size",
+                "num_experts_per_tok", "cca_time0", "cca_time1", "rms_norm_eps", "hidden_act"}
+
+
 def is_legacy_config(cfg: dict) -> bool:
-    return "zaya_layers" in cfg or "ffn_hidden_size" in cfg or "ffn_hidden_size_list" in cfg
+    """True for Zyphra-fork configs (per-layer-list or scalar schema); a config mixing both schemas is refused."""
+    legacy, native = sorted(_LEGACY_ONLY & set(cfg)), sorted(_NATIVE_ONLY & set(cfg))
+    if legacy and native:
+        raise ConfigError(f"config.json mixes legacy field(s) {legacy} with native field(s) {native}; "
+                          "use one schema (the native transformers-5.x `zaya` config or the Zyphra-fork one)")
+    return bool(legacy)
 
 
 def from_hf_config(cfg: dict | str, dtype: str | None = None) -> ZayaConfig:
     """Read a native (transformers >= 5.13) or legacy (Zyphra fork) ZAYA1 ``config.json`` (dict or path)."""
     if isinstance(cfg, str):
         with open(cfg) as f:
-            cfg = json.load(f)
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{f.name}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config.json must be a JSON object, got {type(cfg).__name__}")
     mt = cfg.get("model_type")
     if mt != "zaya":
         raise ConfigError(f"model_type={mt!r}; zaya reads only model_type 'zaya' checkpoints (ZAYA1 family)")
     common = dict(
-        vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
+        vocab_size=_int(cfg, "vocab_size"), hidden_size=_int(cfg, "hidden_size"),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", cfg.get("max_position_embeddings") or 131072),
         bos_token_id=_first_id(cfg.get("bos_token_id"), 2), eos_token_id=_first_id(cfg.get("eos_token_id"), 106),
-        pad_token_id=_first_id(cfg.get("pad_token_id"), 0), mask_token_id=int(cfg.get("mask_token_id", 4)),
+        pad_token_id=_first_id(cfg.get("pad_token_id"), 0), mask_token_id=_int(cfg, "mask_token_id", cfg.get("mask_token_id", 4), positive=False),
     )
     if dtype is not None:
         common["dtype"] = dtype
@@ -159,24 +212,38 @@ def _from_native(cfg: dict, common: dict) -> ZayaConfig:
     _require(cfg, "cca_time0", lambda v: v == 2, "2")
     _require(cfg, "cca_time1", lambda v: v == 2, "2")
     _require(cfg, "rope_scaling", lambda v: not v, "null (no RoPE scaling)")
-    layer_types = cfg.get("layer_types") or ["hybrid"] * int(cfg["num_hidden_layers"])
-    bad = sorted(set(layer_types) - {"hybrid"})
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        layer_types = ["hybrid"] * _int(cfg, "num_hidden_layers")
+    if not isinstance(layer_types, list) or not layer_types:
+        raise ConfigError(f"layer_types={layer_types!r} must be a non-empty list of 'hybrid'")
+    bad = sorted({str(t) for t in layer_types} - {"hybrid"})
     if bad:
-        raise ConfigError(f"layer_types contains {bad}; only 'hybrid' (full CCA attention) layers are supported")
-    if "num_hidden_layers" in cfg and int(cfg["num_hidden_layers"]) != len(layer_types):
+        raise ConfigError(f"layer_types contains {bad}; only 'hybrid' (full CCA attention) layers are supported "
+                          "(no sliding-window layers)")
+    if "num_hidden_layers" in cfg and _int(cfg, "num_hidden_layers") != len(layer_types):
         raise ConfigError(f"num_hidden_layers={cfg['num_hidden_layers']} disagrees with len(layer_types)={len(layer_types)}")
     rp = cfg.get("rope_parameters") or {}
-    rp = rp.get("hybrid", rp) if isinstance(rp, dict) else {}
+    if not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters={rp!r} must be a JSON object")
+    rp = rp.get("hybrid", rp)
+    if not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters.hybrid={rp!r} must be a JSON object")
     if rp.get("rope_type", "default") != "default":
-        raise ConfigError(f"rope_parameters.hybrid.rope_type={rp.get('rope_type')!r}; only 'default' is supported")
-    theta = float(rp.get("rope_theta", cfg.get("rope_theta", 5e6)))
-    partial = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
-    eps = float(cfg.get("rms_norm_eps", 1e-5))
+        raise ConfigError(f"rope_parameters.hybrid.rope_type={rp.get('rope_type')!r} (RoPE scaling) is not "
+                          "supported; only 'default' is")
+    scaling = sorted(set(rp) - {"rope_type", "rope_theta", "partial_rotary_factor"})
+    if scaling:
+        raise ConfigError(f"rope_parameters.hybrid has RoPE-scaling field(s) {scaling}; zaya implements plain RoPE only")
+    theta = float(rp["rope_theta"]) if "rope_theta" in rp else _float(cfg, "rope_theta", 5e6)
+    partial = (float(rp["partial_rotary_factor"]) if "partial_rotary_factor" in rp
+               else _float(cfg, "partial_rotary_factor", 0.5))
+    eps = _float(cfg, "rms_norm_eps", 1e-5)
     return ZayaConfig(
-        num_layers=len(layer_types), num_q_heads=int(cfg["num_attention_heads"]),
-        num_kv_heads=int(cfg["num_key_value_heads"]), head_dim=int(cfg["head_dim"]),
-        num_experts=int(cfg["num_experts"]), moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-        router_hidden_size=int(cfg["router_hidden_size"]), rope_theta=theta, partial_rotary_factor=partial,
+        num_layers=len(layer_types), num_q_heads=_int(cfg, "num_attention_heads"),
+        num_kv_heads=_int(cfg, "num_key_value_heads"), head_dim=_int(cfg, "head_dim"),
+        num_experts=_int(cfg, "num_experts"), moe_intermediate_size=_int(cfg, "moe_intermediate_size"),
+        router_hidden_size=_int(cfg, "router_hidden_size"), rope_theta=theta, partial_rotary_factor=partial,
         rms_norm_eps=eps, router_norm_eps=eps, **common)
 
 
@@ -196,44 +263,67 @@ def _from_legacy(cfg: dict, common: dict) -> ZayaConfig:
                       ("moe_router_topk", 1), ("normalization", "RMSNorm")]:
         _require(cfg, key, lambda v, w=want: v == w, repr(want))
     _require(cfg, "rope_scaling", lambda v: not v, "null/false (no RoPE scaling)")
-    D = int(cfg["hidden_size"])
+    D = _int(cfg, "hidden_size")
     if "zaya_layers" in cfg:  # per-layer-list schema (`zaya` branch, ZAYA1-base)
         layers = cfg["zaya_layers"]
-        if len(layers) % 2 or any(layers[i] != "a" or not isinstance(layers[i + 1], int) for i in range(0, len(layers), 2)):
-            raise ConfigError(f"zaya_layers={layers!r}: expected alternating ['a', num_experts, ...]")
+        if (not isinstance(layers, list) or not layers or len(layers) % 2
+                or any(layers[i] != "a" or isinstance(layers[i + 1], bool) or not isinstance(layers[i + 1], int)
+                       for i in range(0, len(layers), 2))):
+            raise ConfigError(f"zaya_layers={layers!r}: expected alternating ['a', num_experts, ...] "
+                              "(attention layer, then MoE layer)")
         experts = set(layers[1::2])
         if len(experts) != 1:
             raise ConfigError(f"zaya_layers has different expert counts {sorted(experts)}; zaya needs one count")
 
         def per_layer(key, idx):
-            vals = set(cfg[key][idx::2])
+            vals = cfg.get(key)
+            if not isinstance(vals, list) or len(vals) != len(layers):
+                raise ConfigError(f"config field {key}={vals!r} must be a list with one entry per zaya_layers "
+                                  f"entry ({len(layers)})")
+            vals = {_int(cfg, key, v) for v in vals[idx::2]}
             if len(vals) != 1:
                 raise ConfigError(f"{key} varies across layers ({sorted(vals)}); zaya needs one value")
-            return int(vals.pop())
+            return vals.pop()
         n_layers, E = len(layers) // 2, experts.pop()
         Hq = per_layer("cca_num_q_heads", 0)
-        K = per_layer("num_query_groups_list", 0) if "num_query_groups_list" in cfg else int(cfg["num_key_value_heads"])
+        K = per_layer("num_query_groups_list", 0) if "num_query_groups_list" in cfg else _int(cfg, "num_key_value_heads")
         ffn, R = per_layer("ffn_hidden_size_list", 1), per_layer("zaya_mlp_expansion", 1)
-        d = D // int(cfg["num_attention_heads"])
+        # Legacy meaning: num_attention_heads only sets the head size (ZAYA1-base: 16 -> 2048/16 = 128).
+        nah = _int(cfg, "num_attention_heads")
+        if nah <= 0 or D % nah:
+            raise ConfigError(f"num_attention_heads={nah} must divide hidden_size={D} (legacy head_dim = "
+                              "hidden_size / num_attention_heads)")
+        d = D // nah
+        if cfg.get("head_dim") is not None and _int(cfg, "head_dim") != d:
+            raise ConfigError(f"head_dim={cfg['head_dim']} disagrees with hidden_size/num_attention_heads={d}")
         # The fork reads a `layernorm_epsilon` key that the released config lacks, so its router norm uses 1e-6.
-        router_eps = float(cfg.get("layernorm_epsilon", 1e-6))
+        router_eps = _float(cfg, "layernorm_epsilon", 1e-6)
     else:  # scalar schema (ZAYA1-8B-legacy)
-        if "num_hidden_layers" not in cfg or int(cfg["num_hidden_layers"]) % 2:
-            raise ConfigError("scalar legacy config needs an even num_hidden_layers (attention + MoE pairs)")
-        n_layers, E = int(cfg["num_hidden_layers"]) // 2, int(cfg["num_experts"])
-        Hq, K = int(cfg["num_attention_heads"]), int(cfg.get("num_query_groups", cfg["num_key_value_heads"]))
-        ffn, R = int(cfg["ffn_hidden_size"]), int(cfg["zaya_mlp_expansion"])
-        d = int(cfg.get("head_dim") or cfg.get("kv_channels") or D // Hq)
-        router_eps = float(cfg.get("norm_epsilon", 1e-5))
-    if "kv_channels" in cfg and int(cfg["kv_channels"]) != d:
+        if _int(cfg, "num_hidden_layers") % 2:
+            raise ConfigError(f"num_hidden_layers={cfg['num_hidden_layers']}: a scalar legacy config needs an even "
+                              "num_hidden_layers (attention + MoE pairs)")
+        n_layers, E = _int(cfg, "num_hidden_layers") // 2, _int(cfg, "num_experts")
+        Hq = _int(cfg, "num_attention_heads")
+        K = _int(cfg, "num_query_groups") if "num_query_groups" in cfg else _int(cfg, "num_key_value_heads")
+        if "num_query_groups" in cfg and "num_key_value_heads" in cfg and K != _int(cfg, "num_key_value_heads"):
+            raise ConfigError(f"num_query_groups={K} disagrees with num_key_value_heads={cfg['num_key_value_heads']}")
+        ffn, R = _int(cfg, "ffn_hidden_size"), _int(cfg, "zaya_mlp_expansion")
+        if cfg.get("head_dim") is not None:
+            d = _int(cfg, "head_dim")
+        elif cfg.get("kv_channels") is not None:
+            d = _int(cfg, "kv_channels")
+        else:
+            d = D // Hq
+        router_eps = _float(cfg, "norm_epsilon", 1e-5)
+    if cfg.get("kv_channels") is not None and _int(cfg, "kv_channels") != d:
         raise ConfigError(f"kv_channels={cfg['kv_channels']} disagrees with head_dim={d}")
     if ffn % 2:
         raise ConfigError(f"ffn_hidden_size={ffn} must be even (gate and up halves)")
     return ZayaConfig(
         num_layers=n_layers, num_q_heads=Hq, num_kv_heads=K, head_dim=d, num_experts=E, moe_intermediate_size=ffn // 2,
-        router_hidden_size=R, rope_theta=float(cfg.get("rope_theta", 1e6)),
-        partial_rotary_factor=float(cfg.get("partial_rotary_factor", 0.5)),
-        rms_norm_eps=float(cfg.get("norm_epsilon", 1e-5)), router_norm_eps=router_eps, **common)
+        router_hidden_size=R, rope_theta=_float(cfg, "rope_theta", 1e6),
+        partial_rotary_factor=_float(cfg, "partial_rotary_factor", 0.5),
+        rms_norm_eps=_float(cfg, "norm_epsilon", 1e-5), router_norm_eps=router_eps, **common)
 
 
 def to_hf_config(c: ZayaConfig) -> dict:
