@@ -7,12 +7,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 
 
 class OutputExistsError(FileExistsError):
     pass
+
+
+def _mkdir_unique(parent: str, prefix: str) -> str:
+    """Like tempfile.mkdtemp, but with the usual umask-based mode (mkdtemp's 0700 would stick to the final output)."""
+    for _ in range(1000):
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary folder {prefix}* in {parent}")
 
 
 @contextlib.contextmanager
@@ -22,7 +35,7 @@ def atomic_dir(dst: str, overwrite: bool = False):
         raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    tmp = _mkdir_unique(parent, f".{os.path.basename(dst)}.tmp-")
     try:
         yield tmp
     except BaseException:

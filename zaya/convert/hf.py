@@ -48,6 +48,8 @@ def _resolve_dtype(dtype: str, hf_cfg: dict, infos) -> str:
     counts = {}
     for i in infos.values():
         counts[i.dtype] = counts.get(i.dtype, 0) + i.nbytes
+    if not counts:
+        raise CheckpointError("the checkpoint holds no tensors")
     top = max(counts, key=counts.get)
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}[top]
 
@@ -63,8 +65,8 @@ def load_hf(folder: str, dtype: str = "auto", progress: bool = True) -> tuple[Za
         raise CheckpointError(f"{folder}: config.json is in the {layout} layout but the tensor names are not")
     specs = param_specs(cfg)
 
-    # Plan: map every tensor to its target and check its shape, before allocating anything.
-    plan, unexpected, lm_head = [], [], None
+    # Plan: map every tensor to its target and check names and shapes, before allocating anything.
+    plan, unexpected, bad_shapes, lm_head = [], [], [], None
     for name, info in infos.items():
         if name == "lm_head.weight":
             lm_head = info
@@ -86,14 +88,33 @@ def load_hf(folder: str, dtype: str = "auto", progress: bool = True) -> tuple[Za
             shape = shape[1:]
         want = N.hf_shape(shape, t.kind, cfg)
         if tuple(info.shape) != tuple(want):
-            raise CheckpointError(f"{folder}: tensor {name!r} has shape {list(info.shape)}, expected {list(want)} "
-                                  f"for this config.json ({layout} layout)")
+            bad_shapes.append(f"tensor {name!r} has shape {list(info.shape)}, expected {list(want)}")
+            continue
         plan.append((name, info, t))
+    expected = N.legacy_names(cfg) if legacy else N.native_names(cfg)
+    missing = [n for n in expected if n not in infos]
+    problems = []
+    if len(unexpected) > len(infos) / 2:
+        problems.append(f"{len(unexpected)} of its {len(infos)} tensor names are not ZAYA1 {layout}-layout names "
+                        f"(e.g. {sorted(unexpected)[0]!r}); is this a ZAYA1 checkpoint, and does config.json "
+                        "describe it?")
+    if bad_shapes:
+        problems.append(f"{len(bad_shapes)} tensor(s) with the wrong shape for this config.json ({layout} layout): "
+                        + "; ".join(bad_shapes[:4]) + (" ..." if len(bad_shapes) > 4 else ""))
+    if missing:
+        problems.append(f"missing tensor(s) {_head(missing)} ({len(missing)} in all; {layout} layout)")
     if unexpected:
-        raise CheckpointError(f"{folder}: unexpected tensor(s) for the {layout} layout: {sorted(unexpected)[:8]}"
-                              f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
+        problems.append(f"unexpected tensor(s) for the {layout} layout: {_head(sorted(unexpected))} "
+                        f"({len(unexpected)} in all)")
+    if problems:
+        raise CheckpointError(f"{folder}: " + "\n  ".join(problems))
+    if lm_head is not None and tuple(lm_head.shape) != (cfg.vocab_size, cfg.hidden_size):
+        raise CheckpointError(f"{folder}: tensor 'lm_head.weight' has shape {list(lm_head.shape)}, expected "
+                              f"{[cfg.vocab_size, cfg.hidden_size]} (and equal to model.embed_tokens.weight: zaya "
+                              "supports tied embeddings only)")
+    # Every param slot must be written exactly once (a safety net behind the name lists above).
     covered = {(t.leaf, t.layer, t.expert) for _, _, t in plan}
-    missing = []
+    holes = []
     for path, (shape, _, _) in _flat_specs(specs):
         layers = range(cfg.num_layers) if path[0] == "layers" else [None]
         for l in layers:
@@ -101,10 +122,11 @@ def load_hf(folder: str, dtype: str = "auto", progress: bool = True) -> tuple[Za
             for e in experts:
                 if (path, l, e) in covered or (path == ("layers", "router", "states_scale") and l == 0):
                     continue
-                missing.append(_describe(path, l, e))
-    if missing:
-        raise CheckpointError(f"{folder}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                              f"({len(missing)} in all; {layout} layout)")
+                holes.append(_describe(path, l, e))
+    if holes:
+        raise CheckpointError(f"{folder}: missing tensor(s) {_head(holes)} ({len(holes)} in all; {layout} layout)")
+    if len(covered) != len(plan):
+        raise CheckpointError(f"{folder}: several tensors map to the same parameter ({layout} layout)")
 
     params = jax.tree_util.tree_map_with_path(
         lambda p, s: np.empty(s[0], param_dtype(tuple(k.key for k in p), cfg)), specs, is_leaf=N_is_spec)
@@ -123,6 +145,10 @@ def load_hf(folder: str, dtype: str = "auto", progress: bool = True) -> tuple[Za
             raise CheckpointError(f"{folder}: lm_head.weight differs from model.embed_tokens.weight; zaya supports "
                                   "tied embeddings only (tie_word_embeddings=true)")
     return cfg, params
+
+
+def _head(names, n=8):
+    return f"{names[:n]}{' ...' if len(names) > n else ''}"
 
 
 def N_is_spec(x):

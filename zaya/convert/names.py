@@ -164,3 +164,18 @@ def native_names(c: ZayaConfig) -> list[str]:
     for i in range(c.num_layers):
         names += [f"model.layers.{i}.{k}" for k in _LAYER if not (i == 0 and k.endswith("router_states_scale"))]
     return names
+
+
+def legacy_names(c: ZayaConfig) -> list[str]:
+    """Every tensor name of a legacy (Zyphra fork, per-expert) checkpoint for config c (lm_head excluded: tied)."""
+    names = ["model.embed_tokens.weight", "model.final_norm.weight"] + [f"model.res_scale.{k}" for k in _RES]
+    for i in range(c.num_layers):
+        a, m = f"model.layers.{2 * i}.", f"model.layers.{2 * i + 1}."
+        names += [a + k for k, v in _LEGACY_ATTN.items() if native_target(f"model.layers.0.{v}") is not None]
+        # layer 0 applies its res_scale to the embedding: only the hidden_states_* pair exists there
+        names += [f"{a}res_scale.{k}" for k in _RES if i > 0 or k.startswith("hidden_states")]
+        names += [m + k for k in _LEGACY_MOE if not (i == 0 and k.endswith("router_states_scale"))]
+        names += [f"{m}res_scale.{k}" for k in _RES]
+        names += [f"{m}zaya_block.experts.local_experts.{e}.linear_fc{j}.weight"
+                  for e in range(c.num_experts) for j in (1, 2)]
+    return names
