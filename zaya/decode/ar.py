@@ -1,0 +1,25 @@
+"""The autoregressive baseline sampler: one token per forward."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zaya.config import ZayaConfig
+from zaya.decode.sampling import sample
+from zaya.decode.state import State, append
+from zaya.model import layout as layout_lib
+from zaya.model.cache import commit
+from zaya.model.transformer import Impl, apply
+
+
+def step(params, c: ZayaConfig, impl: Impl, opts: dict, state: State) -> tuple[State, dict]:
+    """Sample the next token from the current logits, commit it, and compute the logits after it."""
+    key, sub = jax.random.split(state.key)
+    tok = sample(state.logits, sub, opts["temperature"], opts["top_k"], opts["top_p"])
+    state, kept = append(state, tok[:, None], jnp.ones_like(state.n), opts["eos_id"], opts.get("stop"))
+    B = tok.shape[0]
+    lay = layout_lib.causal(B, 1, start=state.cache.length)
+    logits, chunk, _ = apply(params, c, tok[:, None], lay, state.cache, impl)
+    cache = commit(state.cache, chunk, kept)
+    state = state.replace(cache=cache, logits=logits[:, 0], key=key, forwards=state.forwards + 1)
+    return state, {"accepted": kept}

@@ -1,0 +1,117 @@
+"""``zaya.generate``: prompts in, generated ids per row and statistics out, for every sampler.
+
+Samplers are step functions ``step(params, config, impl, opts, state) -> (state, info)`` registered in SAMPLERS;
+each step is jitted once per (sampler, options) and driven by a Python loop with a progress bar.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from zaya.decode import ar
+from zaya.decode.state import State, prefill
+from zaya.model.cache import init_cache
+
+SAMPLERS = {"ar": ar}
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list            # generated ids per row (EOS included when hit)
+    stats: dict             # forwards, tokens, seconds, tokens_per_s, tokens_per_forward, ...
+
+    def __iter__(self):  # `tokens, stats = zaya.generate(...)`
+        return iter((self.tokens, self.stats))
+
+
+def _as_rows(prompt_ids):
+    if isinstance(prompt_ids, np.ndarray) or hasattr(prompt_ids, "shape"):
+        arr = np.asarray(prompt_ids)
+        rows = [list(arr)] if arr.ndim == 1 else [list(r) for r in arr]
+    else:
+        rows = [list(prompt_ids)] if prompt_ids and np.isscalar(prompt_ids[0]) else [list(r) for r in prompt_ids]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token (prepend BOS for an unconditional start)")
+    return [[int(t) for t in r] for r in rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(sampler: str, cfg, impl, opts_items):
+    opts = dict(opts_items)
+    mod = SAMPLERS[sampler]
+    step = jax.jit(lambda params, state: mod.step(params, cfg, impl, opts, state), donate_argnums=(1,))
+    init = getattr(mod, "init", None)
+    pre = jax.jit(lambda params, prompt, lengths, cache, key: prefill(params, cfg, impl, prompt, lengths, cache,
+                                                                       opts["max_new"], key))
+    init_j = None if init is None else jax.jit(lambda params, state: init(params, cfg, impl, opts, state))
+    return pre, init_j, step
+
+
+def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+             stop: list | None = None, progress: bool = False, **sampler_opts) -> Result:
+    """Generate up to ``max_new_tokens`` per row. Returns Result(tokens per row, stats).
+
+    sampler: one of SAMPLERS ("ar" here; block samplers register themselves). Rows stop independently on
+    ``eos_id``, on a ``stop`` sequence (list of id lists) or on the budget.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    cfg, params, impl = model.config, model.params, model.impl
+    rows = _as_rows(prompt_ids)
+    B, Tp = len(rows), max(map(len, rows))
+    if any(t < 0 or t >= cfg.vocab_size for r in rows for t in r):
+        raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size})")
+    mod = SAMPLERS[sampler]
+    slack = getattr(mod, "cache_slack", lambda o: 1)(sampler_opts)
+    opts = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id, max_new=max_new_tokens,
+                stop=tuple(tuple(int(t) for t in s) for s in stop) if stop else None, **sampler_opts)
+    opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
+    pre, init, step = _jitted(sampler, cfg, impl, tuple(sorted(opts.items())))
+
+    prompt = np.full((B, Tp), cfg.pad_token_id, np.int32)
+    for b, r in enumerate(rows):
+        prompt[b, : len(r)] = r
+    lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
+    cache = init_cache(cfg, B, Tp + max_new_tokens + slack)
+    args = (params, jnp.asarray(prompt), lengths, cache, jax.random.PRNGKey(seed))
+    pre_c = pre.lower(*args).compile()  # compile outside the timed region
+    t0 = time.perf_counter()
+    state: State = pre_c(*args)
+    if init is not None:
+        state = init(params, state)
+    jax.block_until_ready(state.n)
+    prefill_s = time.perf_counter() - t0
+    step_c = step.lower(params, state).compile()
+    t1 = time.perf_counter()
+    infos = []
+    bar = tqdm(total=B * max_new_tokens, desc=f"generate[{sampler}]", unit="tok", disable=not progress)
+    done_tokens = 0
+    while True:
+        state, info = step_c(params, state)
+        infos.append(info)
+        n = int(state.n.sum())  # one host sync per step; rows finish independently
+        bar.update(n - done_tokens)
+        done_tokens = n
+        if bool(state.done.all()):
+            break
+    bar.close()
+    t2 = time.perf_counter()
+    out, n = np.asarray(state.out), np.asarray(state.n)
+    tokens = [out[b, : n[b]].tolist() for b in range(B)]
+    forwards = int(state.forwards)
+    stats = {"sampler": sampler, "forwards": forwards, "steps": len(infos), "tokens": int(n.sum()),
+             "seconds": t2 - t1, "prefill_seconds": prefill_s, "tokens_per_s": float(n.sum()) / max(t2 - t1, 1e-9),
+             "tokens_per_forward": float(n.sum()) / max(forwards, 1) / B}
+    extra = getattr(mod, "summarize", None)
+    if extra is not None:
+        stats.update(extra(infos, opts))
+    return Result(tokens, stats)

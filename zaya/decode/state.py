@@ -1,0 +1,87 @@
+"""Decoding state shared by every sampler, the prefill, and the bookkeeping of committed tokens.
+
+All functions are pure and jit with static shapes; rows advance independently (each has its own cache length,
+output count and done flag).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from zaya.config import ZayaConfig
+from zaya.model import layout as layout_lib
+from zaya.model.cache import Cache, commit
+from zaya.model.transformer import Impl, apply
+
+
+@struct.dataclass
+class State:
+    cache: Cache
+    logits: jnp.ndarray   # [B, V] AR logits for the next token (from the last committed token)
+    out: jnp.ndarray      # [B, N] generated ids; entries at or past n[b] are padding
+    n: jnp.ndarray        # [B] tokens generated per row
+    done: jnp.ndarray     # [B] row finished (EOS, stop sequence or max_new_tokens)
+    key: jax.Array
+    forwards: jnp.ndarray  # scalar: model forwards so far (prefill excluded)
+
+
+def prefill(params, c: ZayaConfig, impl: Impl, prompt_BT, lengths_B, cache: Cache, max_new: int, key) -> State:
+    """Run the right-padded prompts through the model and commit lengths[b] tokens per row."""
+    B, T = prompt_BT.shape
+    lay = layout_lib.causal(B, T, start=0, valid=lengths_B)
+    logits, chunk, _ = apply(params, c, prompt_BT, lay, cache, impl)
+    cache = commit(cache, chunk, lengths_B)
+    last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], 1)[:, 0]
+    return State(cache=cache, logits=last, out=jnp.zeros((B, max_new), jnp.int32), n=jnp.zeros((B,), jnp.int32),
+                 done=jnp.zeros((B,), bool) | (max_new <= 0), key=key, forwards=jnp.zeros((), jnp.int32))
+
+
+def append(state: State, tokens_BK, count_B, eos_id: int | None, stop_seqs=None):
+    """Append the first count[b] of tokens[b] to each active row, cutting at EOS, a stop sequence or the budget.
+
+    Returns (state, kept [B]): kept[b] is how many tokens were really appended (what the cache must keep).
+    """
+    B, N = state.out.shape
+    K = tokens_BK.shape[1]
+    i = jnp.arange(K)
+    count = jnp.where(state.done, 0, jnp.minimum(count_B, N - state.n))
+    valid = i[None, :] < count[:, None]
+    if eos_id is not None:  # keep the EOS itself, drop what follows it
+        is_eos = (tokens_BK == eos_id) & valid
+        first = jnp.where(is_eos.any(1), jnp.argmax(is_eos, 1) + 1, K)
+        count = jnp.minimum(count, first)
+    hit_stop = jnp.zeros((B,), bool)
+    if stop_seqs:
+        count, hit_stop = _cut_stop(state, tokens_BK, count, stop_seqs)
+    valid = i[None, :] < count[:, None]
+    slot = jnp.where(valid, state.n[:, None] + i[None, :], N)
+    out = state.out.at[jnp.arange(B)[:, None], slot].set(tokens_BK, mode="drop")
+    n = state.n + count
+    done = state.done | (n >= N) | hit_stop
+    if eos_id is not None:
+        done = done | ((tokens_BK == eos_id) & valid).any(1)
+    return state.replace(out=out, n=n, done=done), count
+
+
+def _cut_stop(state: State, tokens_BK, count, stop_seqs):
+    """Cut each row right after the first completed stop sequence (searched over old tail + new tokens)."""
+    B, N = state.out.shape
+    K = tokens_BK.shape[1]
+    m = max(len(s) for s in stop_seqs)
+    # window = the last m-1 committed tokens followed by the new tokens
+    idx = state.n[:, None] - (m - 1) + jnp.arange(m - 1)[None, :]
+    tail = jnp.where(idx >= 0, jnp.take_along_axis(state.out, jnp.clip(idx, 0, N - 1), 1), -1)
+    win = jnp.concatenate([tail, tokens_BK], 1)
+    ends = jnp.full((B,), K + 1)
+    for s in stop_seqs:
+        s = jnp.asarray(s, jnp.int32)
+        L = s.shape[0]
+        for j in range(K):  # stop sequence ending at new token j
+            start = m - 1 + j - L + 1
+            if start < 0:
+                continue
+            match = (win[:, start:start + L] == s[None]).all(1) & (j < count)
+            ends = jnp.where(match & (j + 1 < ends), j + 1, ends)
+    hit = ends <= K
+    return jnp.where(hit, jnp.minimum(count, ends), count), hit

@@ -1,0 +1,1 @@
+"""TiDAR: the block-diffusion conversion objective and its token layouts."""
