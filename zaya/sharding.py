@@ -1,0 +1,225 @@
+"""Meshes, logical-axis rules and shardings for the ZAYA1 pytrees (params, tokens, decode cache).
+
+Params carry *logical* axis names (``zaya.model.params.param_specs``); a rule table maps each name to a mesh axis,
+a tuple of mesh axes, or None (replicated). Rules are plain data (a tuple of pairs) so they can live in a config::
+
+  rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ...)
+
+``logical_to_spec`` turns one leaf's logical axes into a ``PartitionSpec``: each mesh axis is used at most once per
+spec, size-1 mesh axes are left out, and a mesh axis that does not divide the dim is dropped (the dim stays
+replicated along it), so one rule table serves the 8B model and the tiny test models alike.
+
+How the jitted functions split the work (``sharded_logits_fn``, ``sharded_forward_fn``):
+
+* Batch axes (``data``, ``fsdp``) are *manual*: the model runs under ``jax.shard_map`` on each batch shard, with
+  the params gathered over those axes at entry (fsdp weights are sharded at rest: params, optimizer state and
+  checkpoints). Without this, XLA's propagation on the unannotated model code follows the fsdp-sharded hidden dim
+  of the weights instead of the batch: every device then computed the whole batch (checked in the HLO: dots over
+  all B*T tokens, full logits all-reduced), and the ragged MoE's global argsort gathered every token. Per shard,
+  the sort is local (the MoE is dropless, so each token's output is unchanged).
+* ``tensor`` and ``expert`` stay ``AxisType.Auto`` inside: XLA's SPMD partitioner splits heads / kv / MLP
+  columns and the experts' E axis and inserts the all-reduces. The dense MoE contracts over a sharded E (local
+  experts, one all-reduce). ``ragged_dot`` lowers to a dense masked dot on XLA:CPU, which partitions along E the
+  same way; on GPU it is one ``ragged_dot`` op whose group dim Shardy does not split, so the expert weights of a
+  layer are all-gathered over ``expert`` first (correct, sharded at rest, but the expert matmuls are not split).
+  A shard_map all-to-all expert-parallel path would be the next step for GPU throughput.
+* Per-layer weight gathering (ZeRO-3 peak memory) would need a hook inside the layer scan; here the whole param
+  tree is gathered over the batch axes once per call.
+
+Tests: ``tests/test_sharding.py`` (8 simulated CPU devices; sharded logits and decode equal single-device).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from zaya.config import ZayaConfig
+from zaya.conventions import MESH_AXES
+from zaya.model import layout as layout_lib
+from zaya.model.cache import Cache
+from zaya.model.params import map_specs, param_specs
+from zaya.model.transformer import Impl, apply, forward
+
+Rules = Sequence[tuple]
+
+DEFAULT_RULES: tuple = (
+    ("batch", ("data", "fsdp")),  # activations, tokens, cache rows
+    ("embed", "fsdp"),            # hidden dim of every weight: weights sharded at rest over fsdp
+    ("vocab", "tensor"),
+    ("heads", "tensor"),          # query heads (q columns, o rows)
+    ("kv", "tensor"),             # kv-head features (k, v_cur, v_del columns; cache kv heads)
+    ("mlp", "tensor"),            # expert intermediate dim
+    ("experts", "expert"),
+    ("layers", None),             # the scanned layer axis is never sharded
+)
+"""Logical axis -> mesh axis (or tuple of mesh axes, or None). Unlisted logical axes are replicated."""
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None) -> Mesh:
+    """A mesh with axes ``('data', 'fsdp', 'tensor', 'expert')`` (all ``AxisType.Auto``) over ``devices``.
+
+    The product of the sizes must equal the number of devices (all of ``jax.devices()`` by default).
+    """
+    sizes = (int(data), int(fsdp), int(tensor), int(expert))
+    devices = list(jax.devices() if devices is None else devices)
+    if min(sizes) < 1:
+        raise ValueError(f"mesh sizes must be >= 1, got {dict(zip(MESH_AXES, sizes))}")
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} slots but there are "
+                         f"{len(devices)} devices; the product data*fsdp*tensor*expert must equal the device count")
+    auto = getattr(jax.sharding, "AxisType", None)
+    try:
+        kw = {} if auto is None else {"axis_types": (auto.Auto,) * len(sizes)}
+        return jax.make_mesh(sizes, MESH_AXES, devices=devices, **kw)  # sizes positional: keyword renamed in 0.11
+    except (TypeError, AttributeError):  # older make_mesh (no devices= / axis_types=)
+        arr = np.array(devices, dtype=object).reshape(sizes)
+        try:
+            return Mesh(arr, MESH_AXES, axis_types=(auto.Auto,) * len(sizes))
+        except TypeError:
+            return Mesh(arr, MESH_AXES)
+
+
+def _rule_table(rules: Rules | None) -> dict:
+    table = {}
+    rules = DEFAULT_RULES if rules is None else rules
+    for entry in (rules.items() if hasattr(rules, "items") else rules):  # pairs, or a mapping (ConfigDict)
+        if len(entry) != 2:
+            raise ValueError(f"a sharding rule is (logical_axis, mesh_axes), got {entry!r}")
+        name, target = entry
+        if name not in table:  # first match wins, as in flax's logical rules
+            table[name] = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    return table
+
+
+def logical_to_spec(axes: Sequence, rules: Rules | None, mesh: Mesh, shape: Sequence[int] | None = None) -> P:
+    """PartitionSpec for a leaf with logical ``axes`` (and, if given, ``shape`` for the divisibility check).
+
+    Per dim, the rule's mesh axes are kept in order if: the mesh has the axis, it has size > 1, no earlier dim of
+    this spec used it, and (with ``shape``) the product of the kept sizes divides the dim.
+    """
+    table = _rule_table(rules)
+    if shape is not None and len(shape) != len(axes):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    used, out = set(), []
+    for i, name in enumerate(axes):
+        kept, prod = [], 1
+        for ax in (table.get(name, ()) if name is not None else ()):
+            if ax not in mesh.shape:
+                raise ValueError(f"rule for {name!r} names mesh axis {ax!r}; the mesh has {tuple(mesh.axis_names)}")
+            n = mesh.shape[ax]
+            if n == 1 or ax in used or (shape is not None and shape[i] % (prod * n)):
+                continue
+            kept.append(ax)
+            prod *= n
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def param_shardings(config: ZayaConfig, mesh: Mesh, rules: Rules | None = None) -> dict:
+    """NamedSharding for every leaf of ``zaya.model.params.param_specs(config)`` (same tree structure)."""
+    return map_specs(lambda s: NamedSharding(mesh, logical_to_spec(s[1], rules, mesh, s[0])), param_specs(config))
+
+
+def param_partition_specs(config: ZayaConfig, mesh: Mesh, rules: Rules | None = None) -> dict:
+    """Like ``param_shardings`` but PartitionSpecs (for shard_map / logging)."""
+    return jax.tree.map(lambda s: s.spec, param_shardings(config, mesh, rules))
+
+
+def shard_params(params: dict, config: ZayaConfig, mesh: Mesh, rules: Rules | None = None) -> dict:
+    """Place a param tree on ``mesh`` according to the rules (``jax.device_put``; no host round-trip)."""
+    return jax.device_put(params, param_shardings(config, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules | None = None, batch: int | None = None, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [B, ...] array (tokens, logits): rows over the ``batch`` rule's axes (data, fsdp by default).
+
+    With ``batch`` given, axes that do not divide it are dropped.
+    """
+    shape = None if batch is None else (batch,)
+    spec = logical_to_spec(("batch",), rules, mesh, shape)
+    return NamedSharding(mesh, P(*(tuple(spec) + (None,) * (ndim - len(spec)))))
+
+
+def _batch_axes(mesh: Mesh, rules: Rules | None, batch: int | None):
+    """The mesh axes (None, a name or a tuple) that the rows of a [batch, ...] array are split over."""
+    spec = logical_to_spec(("batch",), rules, mesh, None if batch is None else (batch,))
+    return spec[0] if len(spec) else None
+
+
+def _per_batch_shard(fn, mesh: Mesh, dp, in_specs, out_specs):
+    """``fn`` run on each batch shard (manual over the ``dp`` axes; tensor/expert stay compiler-partitioned)."""
+    if dp is None:
+        return fn
+    names = {dp} if isinstance(dp, str) else set(dp)
+    # check_vma=False: the model code is not varying-axis aware (its scan carries start as unvarying zeros)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=names, check_vma=False)
+
+
+def sharded_logits_fn(config: ZayaConfig, mesh: Mesh, rules: Rules | None = None, impl: Impl = Impl(),
+                      batch: int | None = None):
+    """A jitted ``(params, tokens_BT) -> logits_BTV`` (full causal forward, no cache) on ``mesh``.
+
+    Params are expected sharded as ``param_shardings`` (pass ``shard_params(...)``; other placements are moved);
+    tokens and logits are split by rows (``batch_sharding``). With ``batch`` given, batch axes that do not divide
+    it are left out; without it, B must divide by the product of the batch axes.
+    """
+    dp = _batch_axes(mesh, rules, batch)
+
+    def local(params, tokens_BT):
+        B, T = tokens_BT.shape
+        return apply(params, config, tokens_BT, layout_lib.causal(B, T), None, impl)[0]
+    f = _per_batch_shard(local, mesh, dp, (P(), P(dp)), P(dp))
+    return jax.jit(f, in_shardings=(param_shardings(config, mesh, rules), NamedSharding(mesh, P(dp))),
+                   out_shardings=NamedSharding(mesh, P(dp)))
+
+
+_CACHE_AXES = {"k": ("layers", "batch", None, "kv", None), "v": ("layers", "batch", None, "kv", None),
+               "xqk": ("layers", "batch", None, None), "vd": ("layers", "batch", None, "kv"), "length": ("batch",)}
+
+
+def cache_shardings(mesh: Mesh, cache: Cache, rules: Rules | None = None) -> Cache:
+    """A ``Cache`` of NamedShardings for ``cache`` (arrays or ``jax.eval_shape(init_cache, ...)`` structs).
+
+    Rows over the ``batch`` axes (data, fsdp), kv heads (and the delayed-value features) over ``kv``'s axis
+    (tensor) where they divide; slots, ring and the conv-state channels stay unsharded.
+    """
+    return Cache(**{n: NamedSharding(mesh, logical_to_spec(a, rules, mesh, getattr(cache, n).shape))
+                    for n, a in _CACHE_AXES.items()})
+
+
+def shard_cache(cache: Cache, mesh: Mesh, rules: Rules | None = None) -> Cache:
+    """Place a decode cache on ``mesh`` (``cache_shardings``)."""
+    return jax.device_put(cache, cache_shardings(mesh, cache, rules))
+
+
+def sharded_forward_fn(config: ZayaConfig, mesh: Mesh, cache: Cache, rules: Rules | None = None,
+                       impl: Impl = Impl(), donate: bool = False):
+    """A jitted ``(params, cache, tokens_BT) -> (logits_BTV, cache')`` for prefill and decode steps on ``mesh``.
+
+    The T tokens of each row sit at positions ``cache.length[b] ..`` (plain causal layout) and are all committed,
+    so the same function prefills an empty cache and then decodes one token (or a chunk) at a time. ``cache``
+    (arrays or abstract structs) fixes the cache shardings; ``donate`` reuses the old cache's buffers.
+    """
+    cs = cache_shardings(mesh, cache, rules)
+    dp = _batch_axes(mesh, rules, cache.length.shape[0])
+    rows = Cache(**{n: P(*(None,) * (a.index("batch")), dp) for n, a in _CACHE_AXES.items()})
+
+    def local(params, cache, tokens_BT):
+        layout = layout_lib.causal(tokens_BT.shape[0], tokens_BT.shape[1], start=cache.length)
+        return forward(params, config, tokens_BT, layout, cache, None, impl)
+    f = _per_batch_shard(local, mesh, dp, (P(), rows, P(dp)), (P(dp), rows))
+    return jax.jit(f, in_shardings=(param_shardings(config, mesh, rules), cs, NamedSharding(mesh, P(dp))),
+                   out_shardings=(NamedSharding(mesh, P(dp)), cs), donate_argnums=(1,) if donate else ())
+
+
+def describe(tree) -> dict:
+    """Leaf path -> PartitionSpec string of a placed tree (debugging, logs)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): str(getattr(getattr(x, "sharding", None), "spec", None)) for p, x in flat}
