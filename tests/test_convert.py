@@ -614,3 +614,30 @@ def test_empty_checkpoint(fixtures_dir, tmp_path):
     json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
     convert_fails(src, tmp_path / "out", "no tensors")
     assert_no_output(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The convert benchmark's building blocks (the benchmark itself runs for minutes; see zaya/bench/convert.py).
+
+def test_bench_synthetic_checkpoint_loads(tmp_path):
+    from zaya.bench.convert import bench_config, hf_items, write_synthetic
+    cfg = bench_config(0.001).replace(vocab_size=256, hidden_size=64, head_dim=16, moe_intermediate_size=32,
+                                      router_hidden_size=16, num_experts=4, num_layers=2)
+    info = write_synthetic(cfg, str(tmp_path / "hf"), max_shard_bytes=100_000)
+    assert info["num_files"] > 1 and info["num_tensors"] == len(hf_items(cfg))
+    c, params = load_hf(str(tmp_path / "hf"), progress=False)
+    assert c.replace(dtype="bfloat16") == cfg.replace(router_norm_eps=cfg.rms_norm_eps)
+    assert params["embed"].dtype == BF16 and params["layers"]["router"]["bias"].dtype == np.float32
+    assert bench_config(1.0).num_params() * 2 >= 2**30
+
+
+def test_bench_child_rss_not_inflated_by_parent():
+    """The benchmark measures a child's own peak RSS, not the parent's RSS inherited at fork."""
+    from zaya.bench.convert import _run_child
+    ballast = np.ones(600 * 2**20, np.uint8)  # make this (parent) process big
+    _, small, _ = _run_child("pass")
+    _, big, out = _run_child("import numpy as np; a = np.ones(300 * 2**20, np.uint8); print(a.sum() > 0)")
+    assert out.strip() == "True"
+    assert small < 200, small
+    assert 300 < big < 300 + 200, big
+    del ballast

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -31,11 +32,46 @@ def save(dst: str, params, cfg: ZayaConfig, tokenizer: str | None = None, overwr
     with atomic_dir(dst, overwrite) as tmp:
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "params"), params)
-        ckptr.wait_until_finished()
+        _save_params(os.path.join(tmp, "params"), params)
         if tokenizer and os.path.exists(tokenizer):
             shutil.copy(tokenizer, os.path.join(tmp, TOKENIZER))
+
+
+# Chunk size of the saved arrays. Orbax's default (one chunk per array) makes tensorstore compress each whole array
+# in memory, and the stacked expert tensors hold most of the model.
+CHUNK_BYTES = 32 * 2**20
+
+
+def _save_params(path: str, params):
+    """Save a param tree (numpy or jax arrays) with host memory ~ the params themselves plus a few chunks.
+
+    Three things in Orbax's defaults each add about a model's worth of host memory when saving numpy params
+    (measured on a 1.1 GB checkpoint: peak = params + 1.8 GB; with these settings: params + ~0.1 GB):
+      - ``NumpyHandler`` deep-copies every numpy array first (``deepcopy_host_arrays``); the save here is synchronous
+        and nothing mutates the arrays meanwhile, so the copy is not needed;
+      - OCDBT keeps the compressed chunks of the whole checkpoint in memory until its final commit; plain zarr
+        writes each chunk to its own file as soon as it is compressed;
+      - one chunk per array: see CHUNK_BYTES.
+    The result is a standard Orbax PyTree checkpoint; ``StandardCheckpointer().restore`` reads it.
+    """
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, th.get_type_handler(jax.Array)),
+        *[(t, th.get_type_handler(t)) for t in (int, float, bytes, np.number, str)],
+    )
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry))
+    log = logging.getLogger("absl")
+    log.addFilter(_no_ocdbt_merge_warning)  # orbax warns that there is nothing to merge when OCDBT is off
+    try:
+        ckptr.save(path, args=ocp.args.PyTreeSave(params, save_args=save_args))  # synchronous
+    finally:
+        log.removeFilter(_no_ocdbt_merge_warning)
+
+
+def _no_ocdbt_merge_warning(record) -> bool:
+    return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
 
 
 def read_config(path: str) -> ZayaConfig:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from zaya.config import ConfigError, ZayaConfig, from_hf_config, is_legacy_config, to_hf_config
 from zaya.convert import names as N
-from zaya.convert.safetensors_io import CheckpointError, dtype_name, read_tensor, scan_checkpoint, write_sharded
+from zaya.convert.safetensors_io import (DTYPES, CheckpointError, dtype_name, read_tensor, scan_checkpoint,
+                                        write_sharded)
 from zaya.model.params import param_dtype, param_specs
 
 _FLOAT = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
@@ -132,12 +133,17 @@ def load_hf(folder: str, dtype: str = "auto", progress: bool = True) -> tuple[Za
         lambda p, s: np.empty(s[0], param_dtype(tuple(k.key for k in p), cfg)), specs, is_leaf=N_is_spec)
     _leaf(params, ("layers", "router", "states_scale"))[0] = 1  # layer 0 has none; its input state is zero
     bar = tqdm(total=sum(i.nbytes for _, i, _ in plan), unit="B", unit_scale=True, desc="convert", disable=not progress)
+    scratch = np.empty(max((i.nbytes for _, i, _ in plan), default=0), np.uint8)  # reused for every tensor
     for name, info, t in plan:
-        x = N.to_zaya(read_tensor(info), t.kind, cfg)
         dst = _leaf(params, t.leaf)
         idx = tuple(i for i in (t.layer, t.expert) if i is not None)
-        dst[idx] = x.astype(dst.dtype, copy=False)
+        if t.kind == "id" and np.dtype(DTYPES[info.dtype]) == dst.dtype and dst[idx].flags.c_contiguous:
+            read_tensor(info, out=dst[idx])  # straight into place (embedding, norms, biases)
+        else:
+            x = N.to_zaya(read_tensor(info, out=scratch), t.kind, cfg)
+            _assign(dst, idx, x)
         bar.update(info.nbytes)
+    del scratch
     bar.close()
     if lm_head is not None:
         head = read_tensor(lm_head)
@@ -145,6 +151,19 @@ def load_hf(folder: str, dtype: str = "auto", progress: bool = True) -> tuple[Za
             raise CheckpointError(f"{folder}: lm_head.weight differs from model.embed_tokens.weight; zaya supports "
                                   "tied embeddings only (tie_word_embeddings=true)")
     return cfg, params
+
+
+def _assign(dst: np.ndarray, idx: tuple, x: np.ndarray, block: int = 128):
+    """dst[idx] = x (cast to dst's dtype). A transposed source is copied in block x block tiles of its last two axes,
+    which keeps reads and writes cache-friendly (~1.3x faster than one strided copy for the big expert tensors)."""
+    out = dst[idx]
+    if x.ndim >= 2 and not x.flags.c_contiguous and min(x.shape[-2:]) > block:
+        for i in range(0, x.shape[-2], block):
+            for j in range(0, x.shape[-1], block):
+                out[..., i:i + block, j:j + block] = x[..., i:i + block, j:j + block]
+    else:
+        out[...] = x
+    return out
 
 
 def _head(names, n=8):

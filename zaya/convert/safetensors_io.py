@@ -78,12 +78,24 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
+def read_tensor(info: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
+    """One tensor, read with a single positioned read.
+
+    out: optional C-contiguous array with at least ``info.nbytes`` bytes to read into (a reusable scratch buffer, or
+    the final destination when no conversion is needed); the result is then a view of it. Reusing one buffer saves
+    allocating (and page-faulting) fresh memory for every tensor."""
     dt = DTYPES[info.dtype]
     with open(info.file, "rb") as f:
         f.seek(info.start)
-        buf = f.read(info.nbytes)
-    if len(buf) != info.nbytes:
+        if out is None:
+            buf = f.read(info.nbytes)
+            n = len(buf)
+        else:
+            if not out.flags.c_contiguous or out.nbytes < info.nbytes:
+                raise ValueError("read_tensor: out must be C-contiguous and large enough")
+            buf = out.reshape(-1).view(np.uint8)[:info.nbytes]
+            n = f.readinto(memoryview(buf))
+    if n != info.nbytes:
         raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}")
     return np.frombuffer(buf, dt).reshape(info.shape)
 
