@@ -273,7 +273,7 @@ def test_sharded_export(fixtures_dir, tmp_path):
 # (d) Input dtypes and --dtype.
 
 @pytest.mark.parametrize("stored", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("target", ["auto", "float32", "bfloat16"])
+@pytest.mark.parametrize("target", ["auto", "float32", "bfloat16", "float16"])
 def test_dtypes(fixtures_dir, tmp_path, stored, target):
     src = copy_fixture(fixtures_dir, "native", tmp_path / "src")
     np_dt = {"float32": np.float32, "bfloat16": BF16, "float16": np.float16}[stored]
