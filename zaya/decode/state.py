@@ -24,6 +24,11 @@ class State:
     done: jnp.ndarray     # [B] row finished (EOS, stop sequence or max_new_tokens)
     key: jax.Array
     forwards: jnp.ndarray  # scalar: model forwards so far (prefill excluded)
+    # Block samplers only (None for ar):
+    pending: jnp.ndarray | None = None       # [B] next token: already in `out`, not yet in the cache
+    drafts: jnp.ndarray | None = None        # [B, K] drafts for the K positions after `pending`
+    draft_probs: jnp.ndarray | None = None   # [B, K, V] drafter distribution (None: argmax "Dirac" drafter)
+    draft_logits: jnp.ndarray | None = None  # [B, K, V] raw drafting logits (logit mixing, TiDAR ratio test)
 
 
 def prefill(params, c: ZayaConfig, impl: Impl, prompt_BT, lengths_B, cache: Cache, max_new: int, key) -> State:

@@ -1,0 +1,44 @@
+"""Two-forward block sampler (Zyphra's "TF"): verify [a, d_1..d_K] causally, accept, then draft [a', mask x K].
+
+Per step: the verify forward gives AR logits for every draft and the bonus; the acceptance rule returns how many
+drafts survive (n) and the next token a'; the cache keeps a, d_1..d_n (n + 1 tokens); the draft forward proposes the
+K tokens after a'. Mask tokens and rejected drafts never enter the cache. With block_size 1 this is AR decoding.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zaya.decode import block, layouts
+from zaya.decode.state import State
+from zaya.model.cache import commit
+from zaya.model.transformer import apply
+
+
+def cache_slack(opts) -> int:
+    return 2 * (opts.get("block_size") or 16) + 4
+
+
+def init(params, c, impl, opts, state: State) -> State:
+    o = block.options(opts)
+    state = block.first_token(c, o, state)
+    key, sub = jax.random.split(state.key)
+    return block.draft_after(params, c, impl, o, state.replace(key=key), sub)
+
+
+def step(params, c, impl, opts, state: State):
+    o = block.options(opts)
+    K = o["block_size"]
+    key, k_acc, k_draft = jax.random.split(state.key, 3)
+    tokens = jnp.concatenate([state.pending[:, None], state.drafts], 1)
+    z, chunk, _ = apply(params, c, tokens, layouts.verify(state.cache.length, K), state.cache, impl)
+    state, n, nxt, active = block.accept_and_append(o, state, z, k_acc)
+    cache = commit(state.cache, chunk, jnp.where(active, n + 1, 0))
+    state = state.replace(cache=cache, pending=nxt, key=key, forwards=state.forwards + 1)
+    state = block.draft_after(params, c, impl, o, state, k_draft)
+    return state, {"accepted": n, "active": active}
+
+
+def summarize(infos, opts):
+    o = block.options(opts)
+    return block.summarize(infos, dict(o, _query_tokens=2 * (o["block_size"] + 1)))
