@@ -131,3 +131,18 @@ def test_sharded_prefill_and_decode_match(params, tokens, reference):
         assert out.shape == (Bc, b - a, CFG.vocab_size) and cache.k.sharding.spec == cs.k.spec
         np.testing.assert_allclose(np.asarray(out), ref[:, a:b], atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.length), T)
+
+
+def test_load_with_mesh_gives_same_logits(fixtures_dir):
+    """The public API: zaya.load(path, mesh=...) places params on the mesh and Model.logits runs sharded."""
+    import os
+
+    import zaya
+    from zaya.sharding import make_mesh
+    d = os.path.join(fixtures_dir, "native")
+    ids = np.load(os.path.join(d, "input_ids.npy"))
+    ids = np.concatenate([ids, ids[:, ::-1]], 0)
+    ref = zaya.load(d).logits(ids)
+    m = zaya.load(d, mesh=make_mesh(data=2, tensor=2, expert=2))
+    assert len(m.params["layers"]["q"].sharding.device_set) == 8
+    np.testing.assert_allclose(m.logits(ids), ref, atol=1e-5)

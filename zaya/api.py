@@ -23,7 +23,8 @@ class Model:
     params: dict
     impl: Impl = Impl()
     tokenizer: str | None = None  # path of tokenizer.json, if the checkpoint has one
-    mesh: object = None
+    mesh: object = None           # a jax Mesh: logits run sharded (batch over data/fsdp, heads/experts inside)
+    rules: object = None          # logical-axis rules for the mesh (None: zaya.sharding.DEFAULT_RULES)
 
     def logits(self, tokens) -> np.ndarray:
         """tokens int [B, T] -> float32 logits [B, T, V] (a full causal forward, no cache)."""
@@ -32,7 +33,16 @@ class Model:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
         if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        if self.mesh is not None:
+            fn = _sharded_logits_fn(self.config, self.mesh, self.rules, self.impl, tokens.shape[0])
+            return np.asarray(fn(self.params, tokens))
         return np.asarray(_logits_fn(self.config, self.impl)(self.params, tokens))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_logits_fn(cfg, mesh, rules, impl, batch):
+    from zaya import sharding
+    return sharding.sharded_logits_fn(cfg, mesh, rules, impl, batch=batch)
 
 
 @functools.lru_cache(maxsize=16)
@@ -68,4 +78,4 @@ def load(path: str, dtype: str | None = "float32", mesh=None, rules=None, impl: 
             params = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
         tok = os.path.join(path, "tokenizer.json")
         tok = tok if os.path.exists(tok) else None
-    return Model(cfg, params, impl or Impl(), tok, mesh)
+    return Model(cfg, params, impl or Impl(), tok, mesh, rules)
