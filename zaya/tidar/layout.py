@@ -4,36 +4,142 @@ Training: ``[x_0 .. x_{S-1} | mask x S]``, positions repeated. Clean tokens are 
 at index i (block k = i // b) sees the clean tokens of its document before the block start and its own block
 bidirectionally. Built from ids (O(S) per row), never as a dense [2S, 2S] mask.
 
+Anchored training (K+1 blocks, Zyphra's two-forward drafting): the mask half is cut into chunks of b+1 slots,
+``[anchor, mask x b]``. The anchor is a copy of the clean token just before the block (position kb-1); the block
+(anchor included) sees the clean prefix up to kb-2 and itself bidirectionally, exactly like the decode-time
+forward ``[a', mask x K]`` after a cache holding positions 0..kb-2 (``draft_anchored``).
+
+Blocks are global (block k = indices kb..kb+b-1 of the row) in ``training`` by default; with ``doc_aligned`` (and
+always in ``training_anchored``) they restart at each document start (block k of a document = its positions
+kb..kb+b-1), so a packed document trains exactly as it would alone.
+
+Every builder is traceable (jnp only): it runs under jit with traced ``doc_ids``.
+
 Decode: a block of mask tokens after the cached clean prefix (the drafting forward) sees the same context and conv
 state as the training block at the same positions; tests check the two agree.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from zaya.model.layout import PREV_CACHE, PREV_ZERO, Layout
 
 
-def training(doc_ids, block: int, block_causal: bool = False) -> Layout:
-    """Layout of the 2S-token TiDAR training sequence. doc_ids [B, S] (document per clean token, -1 = padding)."""
-    doc = np.asarray(doc_ids)
+def _docs(doc_ids):
+    """doc [B, S] int32, index i [S], index of each token's document start [B, S], in-document position [B, S]."""
+    doc = jnp.asarray(doc_ids, jnp.int32)
     B, S = doc.shape
-    i = np.arange(S)
-    new_doc = np.concatenate([np.ones((B, 1), bool), doc[:, 1:] != doc[:, :-1]], 1)
-    start = np.maximum.accumulate(np.where(new_doc, i[None], 0), axis=1)  # index where each token's doc starts
-    pos = i[None] - start
-    kb = (i // block) * block
-    lo = np.maximum(kb[None], start)  # first index of the token's (block ∩ document)
-    m_ctx = np.maximum(kb[None] - start, 0) - 1
+    i = jnp.arange(S, dtype=jnp.int32)
+    new_doc = jnp.concatenate([jnp.ones((B, 1), bool), doc[:, 1:] != doc[:, :-1]], 1)
+    start = jax.lax.cummax(jnp.where(new_doc, i[None], 0), axis=1)
+    return doc, i, start, i[None] - start
 
-    c_prev = np.stack([np.where(pos >= d, i[None] - d, PREV_ZERO) for d in (1, 2)], -1)
-    m_prev = np.stack([np.where(i[None] - d >= lo, S + i[None] - d, np.where(pos >= d, i[None] - d, PREV_ZERO))
-                       for d in (1, 2)], -1)
-    cat = lambda a, b: jnp.asarray(np.concatenate([a, b], 1), jnp.int32)
-    seg = np.where(doc >= 0, doc, -1)
-    return Layout(pos=cat(pos, pos), seg=cat(seg, seg), blk=cat(np.full((B, S), -1), np.broadcast_to(i // block, (B, S))),
-                  ctx=cat(pos, m_ctx), prev=cat(c_prev, m_prev), block_causal=block_causal)
+
+def _clean_prev(i, pos):
+    return jnp.stack([jnp.where(pos >= d, i[None] - d, PREV_ZERO) for d in (1, 2)], -1)
+
+
+def clean(doc_ids) -> Layout:
+    """Causal layout of packed documents (doc_ids [B, S], -1 = padding); traceable twin of ``layout.packed``."""
+    doc, i, _, pos = _docs(doc_ids)
+    B, S = doc.shape
+    return Layout(pos=pos, seg=jnp.where(doc >= 0, doc, -1), blk=jnp.full((B, S), -1, jnp.int32), ctx=pos,
+                  prev=_clean_prev(i, pos))
+
+
+def training(doc_ids, block: int, block_causal: bool = False, doc_aligned: bool = False) -> Layout:
+    """Layout of the 2S-token TiDAR training sequence. doc_ids [B, S] (document per clean token, -1 = padding).
+
+    Mask index i sits at S + i. Block ids (``blk``) are i // block, or with ``doc_aligned`` the index of the
+    block's first token (blocks restart at document starts).
+    """
+    doc, i, start, pos = _docs(doc_ids)
+    B, S = doc.shape
+    if doc_aligned:
+        kb = start + (pos // block) * block
+        blk = kb
+    else:
+        kb = jnp.broadcast_to((i // block) * block, (B, S))
+        blk = jnp.broadcast_to(i // block, (B, S))
+    lo = jnp.maximum(kb, start)  # first index of the token's (block ∩ document)
+    m_ctx = lo - start - 1
+    m_prev = jnp.stack([jnp.where(i[None] - d >= lo, S + i[None] - d, jnp.where(pos >= d, i[None] - d, PREV_ZERO))
+                        for d in (1, 2)], -1)
+    cat = lambda a, b: jnp.concatenate([a, b], 1).astype(jnp.int32)
+    seg = jnp.where(doc >= 0, doc, -1)
+    return Layout(pos=cat(pos, pos), seg=cat(seg, seg), blk=cat(jnp.full((B, S), -1), blk),
+                  ctx=cat(pos, m_ctx), prev=cat(_clean_prev(i, pos), m_prev), block_causal=block_causal)
+
+
+def anchored_mask_index(S: int, block: int) -> np.ndarray:
+    """[S] index, in the anchored training sequence, of the mask that reconstructs clean token i."""
+    i = np.arange(S)
+    return S + (i // block) * (block + 1) + 1 + i % block
+
+
+def anchor_sources(doc_ids, block: int):
+    """[B, S // block]: the clean index whose token fills chunk g's anchor slot, or -1 (no anchor in the chunk).
+
+    Chunk g holds the masks of indices g*b .. g*b+b-1. A document block starting at index s with in-document
+    position pos_s >= b (so pos_s - 1 >= 0... and a real previous token exists) has its anchor x_{s-1} in the chunk
+    that contains s. Such a start is unique per chunk: two would lie in one document less than b apart.
+    """
+    doc, i, _, pos = _docs(doc_ids)
+    B, S = doc.shape
+    if S % block:
+        raise ValueError(f"anchored layout needs the sequence length ({S}) to be a multiple of block ({block})")
+    n = S // block
+    starts = ((pos % block == 0) & (pos > 0) & (doc >= 0)).reshape(B, n, block)
+    s = jnp.arange(n, dtype=jnp.int32)[None] * block + jnp.argmax(starts, -1).astype(jnp.int32)
+    return jnp.where(starts.any(-1), s - 1, -1)
+
+
+def training_anchored(doc_ids, block: int, block_causal: bool = False) -> Layout:
+    """Layout of the anchored training sequence ``[x_0 .. x_{S-1} | (anchor, mask x b) x S/b]``, S + (S/b)(b+1).
+
+    Blocks are document-aligned. Anchor slots without an anchor (each document's first block, chunks where no
+    block starts) are padding (seg -1). Mask of clean index i sits at ``anchored_mask_index(S, b)[i]``; the anchor
+    of the block containing i sits in the chunk of the block's first index.
+    """
+    doc, i, start, pos = _docs(doc_ids)
+    B, S = doc.shape
+    b = block
+    n = S // b
+    src = anchor_sources(doc, b)  # [B, n] clean index of the anchor (= block start - 1)
+    has = src >= 0
+    s = jnp.maximum(src + 1, 0)  # block start index
+    take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)
+    a_pos = jnp.where(has, take(pos, s) - 1, 0)
+    a_seg = jnp.where(has, take(doc, s), -1)
+    a_prev = jnp.stack([jnp.where(has & (a_pos - d >= 0), src - d, PREV_ZERO) for d in (1, 2)], -1)
+
+    kb = start + (pos // b) * b  # index of the block's first token
+    kpos = (pos // b) * b  # its in-document position
+    slot = jnp.asarray(anchored_mask_index(S, b), jnp.int32)
+    anchor_slot = S + (kb // b) * (b + 1)  # the anchor of this block lives in the chunk of its first index
+    p = lambda d: pos - d
+
+    def m_prev(d):
+        in_blk = p(d) >= kpos
+        at_anchor = (p(d) == kpos - 1) & (kpos > 0)
+        mask_idx = jnp.take(slot, jnp.clip(i[None] - d, 0, S - 1))
+        return jnp.where(in_blk, mask_idx, jnp.where(at_anchor, anchor_slot,
+                                                     jnp.where(p(d) >= 0, i[None] - d, PREV_ZERO)))
+
+    def chunks(anchor, masks):  # [B, n] + [B, S] (+ trailing dims) -> [B, n * (b + 1)]
+        tail = masks.shape[2:]
+        x = jnp.concatenate([anchor[:, :, None], masks.reshape(B, n, b, *tail)], 2)
+        return x.reshape(B, n * (b + 1), *tail)
+
+    seg = jnp.where(doc >= 0, doc, -1)
+    cat = lambda a, b_: jnp.concatenate([a, b_], 1).astype(jnp.int32)
+    return Layout(pos=cat(pos, chunks(a_pos, pos)), seg=cat(seg, chunks(a_seg, seg)),
+                  blk=cat(jnp.full((B, S), -1), chunks(jnp.where(has, s, 0), kb)),
+                  ctx=cat(pos, chunks(a_pos - 1, kpos - 2)),
+                  prev=cat(_clean_prev(i, pos), chunks(a_prev, jnp.stack([m_prev(1), m_prev(2)], -1))),
+                  block_causal=block_causal)
 
 
 def draft_block(start_B, length: int, block_causal: bool = False) -> Layout:
@@ -45,3 +151,14 @@ def draft_block(start_B, length: int, block_causal: bool = False) -> Layout:
     return Layout(pos=start[:, None] + t, seg=jnp.zeros((B, length), jnp.int32), blk=jnp.zeros((B, length), jnp.int32),
                   ctx=jnp.broadcast_to(start[:, None] - 1, (B, length)), prev=jnp.broadcast_to(prev, (B, length, 2)),
                   block_causal=block_causal)
+
+
+def draft_anchored(start_B, length: int, block_causal: bool = False) -> Layout:
+    """The anchored drafting forward ``[a, mask x length]`` (1 + length tokens) after a cache of ``start`` tokens.
+
+    The anchor (the last accepted / bonus token, not yet cached) sits at position ``start`` with ctx start-1 and
+    reads its conv predecessors from the cache; the masks follow at start+1 .. start+length, all one bidirectional
+    block. This is ``draft_block(start, 1 + length)`` with a real token in slot 0, and it matches the training block
+    [anchor x_{kb-1}, masks kb..kb+b-1] of ``training_anchored`` with start = kb - 1.
+    """
+    return draft_block(start_B, 1 + length, block_causal)
