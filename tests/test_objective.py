@@ -1,0 +1,285 @@
+"""The TiDAR objective: loss == a dense-mask reference with a naive per-token loop; every option; jit; gradients."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_tidar_layout import np_params, reference_layout
+from zaya.config import preset
+from zaya.model import attention as attn_lib
+from zaya.model import layout as layout_lib
+from zaya.model.transformer import Impl, apply
+from zaya.tidar.objective import TidarOptions, ar_eval, build, loss_fn, position_weights, token_ce
+
+S = 16
+CASES = {  # one compiled loss per case, shared by the tests below
+    "A": TidarOptions(block_size=4, alpha=0.5, position_gamma=0.7, prompt_masking=True),
+    "B": TidarOptions(block_size=4, anchor=True, alpha=2.0),
+    "C": TidarOptions(block_size=2, anchor=True, block_causal=True, masking="random", mask_ratio=0.6,
+                      doc_masking=False),
+}
+RNG = jax.random.PRNGKey(11)
+_loss = jax.jit(loss_fn, static_argnums=(1, 3, 5))
+_build = jax.jit(build, static_argnums=(3, 4))
+
+
+@pytest.fixture(scope="module")
+def model():
+    c = preset("tiny")
+    return c, np_params(c, seed=1)
+
+
+def make_batch(c, docs, prompt=()):
+    """tokens, doc_ids and a data-style loss_mask (0 on padding, each document's first token and ``prompt``)."""
+    doc = np.asarray(docs, np.int32)
+    x = np.asarray(jax.random.randint(jax.random.PRNGKey(5), doc.shape, 5, c.vocab_size), np.int32)
+    lm = (doc >= 0).astype(np.float32)
+    lm[:, 0] = 0
+    lm[:, 1:][doc[:, 1:] != doc[:, :-1]] = 0
+    for r, i in prompt:
+        lm[r, i] = 0
+    return {"tokens": x, "doc_ids": doc, "loss_mask": lm}
+
+
+def batch_main(c):
+    return make_batch(c, [[0] * 5 + [1] * 9 + [2] * 2, [0] * 11 + [-1] * 5], prompt=[(0, 6), (0, 7), (1, 1), (1, 2)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dense reference: an explicit [T, T] mask from the paper's rule, its own attention, a per-token loss loop.
+
+def _dense_attention(mask_BTT):
+    m = jnp.asarray(mask_BTT)
+
+    def attend(q, k, v, layout, cache_k, cache_v, cache_len):
+        G = q.shape[2] // k.shape[2]
+        kk, vv = jnp.repeat(k, G, 2).astype(jnp.float32), jnp.repeat(v, G, 2).astype(jnp.float32)
+        s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kk) * q.shape[-1] ** -0.5
+        p = jnp.where(m[:, None], jax.nn.softmax(jnp.where(m[:, None], s, -1e30), -1), 0.0)
+        return jnp.einsum("bhts,bshd->bthd", p, vv).astype(v.dtype)
+    return attend
+
+
+def _prev_from_dense(mask, pos):
+    B, T = pos.shape
+    prev = np.full((B, T, 2), layout_lib.PREV_ZERO, np.int32)
+    for r in range(B):
+        for t in range(T):
+            for d in (1, 2):
+                cand = [j for j in range(T) if mask[r, t, j] and pos[r, j] == pos[r, t] - d]
+                assert len(cand) <= 1
+                if cand:
+                    prev[r, t, d - 1] = cand[0]
+    return prev
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name):
+    """Loss and metrics of case ``name`` computed without any of the objective's code."""
+    opts = CASES[name]
+    c, p = preset("tiny"), np_params(preset("tiny"), seed=1)
+    batch = batch_main(c)
+    x, lm = batch["tokens"], batch["loss_mask"]
+    doc = batch["doc_ids"] if opts.doc_masking else np.where(batch["doc_ids"] >= 0, 0, -1)
+    B, b = x.shape[0], opts.block_size
+    masked = (np.asarray(jax.random.bernoulli(RNG, opts.mask_ratio, (B, S))) if opts.masking == "random"
+              else np.ones((B, S), bool))
+    slots, pos, mask = reference_layout(doc, b, anchor=opts.anchor, block_causal=opts.block_causal)
+    tok = np.array([[x[r, i] if k == "clean" or (k == "mask" and not masked[r, i]) else
+                     x[r, i - 1] if k == "anchor" else c.mask_token_id for k, i in slots[r]] for r in range(B)])
+    name_ = f"dense_test_{name}"
+    attn_lib.IMPLS[name_] = _dense_attention(mask)
+    try:
+        z = np.zeros_like(pos)
+        lay = layout_lib.Layout(pos=jnp.asarray(pos), seg=jnp.asarray(z), blk=jnp.asarray(z), ctx=jnp.asarray(z),
+                                prev=jnp.asarray(_prev_from_dense(mask, pos)))
+        logits = np.asarray(jax.jit(lambda p, t, l: apply(p, c, t, l, impl=Impl(attention=name_, moe="dense"))[0])(p, tok, lay),
+                            np.float64)
+    finally:
+        del attn_lib.IMPLS[name_]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+    pred = logits.argmax(-1)
+    w = position_weights(opts)
+    resp = lm > 0 if opts.prompt_masking else np.ones((B, S), bool)
+    ar = [0.0, 0]
+    df = [0.0, 0]
+    hits, cnt, first = np.zeros(b), np.zeros(b), [0, 0]
+    for r in range(B):
+        slot_of = {i: t for t, (k, i) in enumerate(slots[r]) if k == "mask"}
+        for i in range(S):
+            if doc[r, i] < 0:
+                continue
+            if i + 1 < S and doc[r, i + 1] == doc[r, i] and resp[r, i + 1]:
+                ar[0] += -logp[r, i, x[r, i + 1]]
+                ar[1] += 1
+            if resp[r, i] and masked[r, i]:
+                t, k = slot_of[i], pos[r, i] % b
+                df[0] += w[k] * -logp[r, t, x[r, i]]
+                df[1] += 1
+                hits[k] += pred[r, t] == x[r, i]
+                cnt[k] += 1
+                if k == 0 and pos[r, i] > 0:
+                    first[0] += pred[r, t] == pred[r, i - 1]
+                    first[1] += 1
+    ar_loss, diff_loss = ar[0] / ar[1], df[0] / df[1]
+    return dict(loss=(opts.alpha * ar_loss + diff_loss) / (1 + opts.alpha), ar_loss=ar_loss, diff_loss=diff_loss,
+                n_ar_tokens=ar[1], n_diff_tokens=df[1], diff_acc_per_pos=hits / np.maximum(cnt, 1),
+                diff_count_per_pos=cnt, first_slot_agree=first[0] / first[1], mask=mask, masked=masked)
+
+
+def _check_against_reference(c, name, loss, m):
+    opts, ref = CASES[name], reference(name)
+    batch = batch_main(c)
+    bt = _build(batch["tokens"], batch["doc_ids"], batch["loss_mask"], opts, c.mask_token_id, RNG)
+    np.testing.assert_array_equal(layout_lib.dense_mask(bt["layout"]), ref["mask"])  # never built by the objective
+    np.testing.assert_allclose(float(loss), ref["loss"], rtol=2e-5)
+    np.testing.assert_allclose(float(m["loss"]), ref["loss"], rtol=2e-5)
+    for k in ("ar_loss", "diff_loss", "n_ar_tokens", "n_diff_tokens", "diff_acc_per_pos", "diff_count_per_pos",
+              "first_slot_agree"):
+        np.testing.assert_allclose(np.asarray(m[k]), ref[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    L, E1 = c.num_layers, c.num_experts + 1
+    assert m["expert_counts"].shape == (L, E1)
+    np.testing.assert_array_equal(np.asarray(m["expert_counts"]).sum(-1), [bt["inputs"].size] * L)
+    assert m["diff_acc_per_pos"].shape == (opts.block_size,)
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_loss_matches_dense_reference(model, name):
+    """Layout (vs the loop-built [T, T] mask), loss, its two terms and the metrics. Cases A, B and C (in
+    test_jit_eager_and_gradient) together cover block size, alpha, anchor, random masking, position weights,
+    documents on/off, prompt masking and block-causal attention."""
+    c, p = model
+    loss, m = _loss(p, c, batch_main(c), CASES[name], RNG, Impl())
+    _check_against_reference(c, name, loss, m)
+
+
+def test_jit_eager_and_gradient(model):
+    """Case C: eager == jit(value_and_grad) == the dense reference; gradients finite and non-zero."""
+    c, p = model
+    batch = batch_main(c)
+    eager, me = loss_fn(p, c, batch, CASES["C"], RNG)
+    (jitted, mj), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(1, 3))(
+        p, c, batch, CASES["C"], RNG)
+    _check_against_reference(c, "C", jitted, mj)
+    np.testing.assert_allclose(float(eager), float(jitted), rtol=1e-5)
+    for k in me:
+        np.testing.assert_allclose(np.asarray(me[k]), np.asarray(mj[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
+    assert float(jnp.abs(g["embed"]).sum()) > 0 and float(jnp.abs(g["layers"]["conv2_w"]).sum()) > 0
+
+
+def test_alpha_weights_the_two_terms(model):
+    c, p = model
+    for name in ("A", "B"):
+        a = CASES[name].alpha
+        _, m = _loss(p, c, batch_main(c), CASES[name], RNG, Impl())
+        want = (a * float(m["ar_loss"]) + float(m["diff_loss"])) / (1 + a)
+        np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-6)
+        assert abs(float(m["loss"]) - (float(m["ar_loss"]) + float(m["diff_loss"])) / 2) > 1e-4  # alpha != 1 matters
+
+
+def test_random_masking_fraction_and_no_loss_on_clean_copies():
+    opts = TidarOptions(block_size=4, masking="random", mask_ratio=0.3)
+    x = jnp.arange(4 * 512, dtype=jnp.int32).reshape(4, 512) % 500 + 5
+    bt = _build(x, jnp.zeros_like(x), None, opts, 4, jax.random.PRNGKey(0))
+    masked = np.asarray(bt["masked"])
+    assert abs(masked.mean() - 0.3) < 0.03
+    half = np.asarray(bt["inputs"])[:, 512:]
+    np.testing.assert_array_equal(half[masked], 4)
+    np.testing.assert_array_equal(half[~masked], np.asarray(x)[~masked])  # the clean tokens themselves
+    np.testing.assert_array_equal(np.asarray(bt["diff_valid"]), masked.astype(np.float32))
+    other = _build(x, jnp.zeros_like(x), None, opts, 4, jax.random.PRNGKey(1))["masked"]
+    assert (np.asarray(other) != masked).any()
+    with pytest.raises(ValueError, match="rng"):
+        build(x, jnp.zeros_like(x), None, opts, 4, None)
+    full = _build(x, jnp.zeros_like(x), None, TidarOptions(block_size=4), 4, None)
+    assert np.asarray(full["masked"]).all() and (np.asarray(full["inputs"])[:, 512:] == 4).all()
+
+
+def test_position_weights():
+    opts = TidarOptions(block_size=4, position_gamma=0.5)
+    w = position_weights(opts)
+    np.testing.assert_allclose(w, np.array([1, .5, .25, .125]) / np.mean([1, .5, .25, .125]), rtol=1e-6)
+    np.testing.assert_allclose(position_weights(TidarOptions(block_size=4)), 1.0)
+    doc = jnp.array([[0] * 6 + [1] * 10])
+    bt = _build(jnp.full((1, 16), 9), doc, None, opts, 4, None)
+    k = np.array([0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # in-block positions restart per document
+    np.testing.assert_array_equal(np.asarray(bt["diff_block_pos"])[0], k)
+    np.testing.assert_allclose(np.asarray(bt["diff_weights"])[0], w[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_packed_documents_equal_separate_sequences(model, name):
+    """[doc a | doc b] packed (b starts mid-block) trains exactly like a and b in rows of their own."""
+    c, p = model
+    a, b = 6, 10
+    packed = make_batch(c, [[0] * a + [1] * b] * 2)
+    x = packed["tokens"][0]
+    packed["tokens"] = np.stack([x, x])
+    alone = make_batch(c, [[0] * a + [-1] * b, [0] * b + [-1] * a])
+    alone["tokens"] = np.stack([np.r_[x[:a], x[:b]], np.r_[x[a:], x[:a]]]).astype(np.int32)
+    _, mp = _loss(p, c, packed, CASES[name], RNG, Impl())
+    _, ms = _loss(p, c, alone, CASES[name], RNG, Impl())
+    for k in ("loss", "ar_loss", "diff_loss", "diff_acc_per_pos", "first_slot_agree"):
+        np.testing.assert_allclose(np.asarray(mp[k]), np.asarray(ms[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(float(mp["n_diff_tokens"]), 2 * float(ms["n_diff_tokens"]))
+
+
+def test_prompt_masking(model):
+    """Prompt tokens (loss_mask 0) are no label of either loss: the weights, and a loss invariance: changing a
+    document's last token, when it is a prompt token, changes no loss term (nothing else sees it)."""
+    c, p = model
+    batch = batch_main(c)
+    bt = _build(batch["tokens"], batch["doc_ids"], batch["loss_mask"], CASES["A"], c.mask_token_id, None)
+    lm, doc = batch["loss_mask"], batch["doc_ids"]
+    same_next = np.c_[doc[:, 1:] == doc[:, :-1], np.zeros(2, bool)] & (doc >= 0)
+    np.testing.assert_array_equal(np.asarray(bt["ar_weights"]), same_next * np.c_[lm[:, 1:], np.zeros(2)])
+    np.testing.assert_array_equal(np.asarray(bt["diff_valid"]), lm)
+    last = [(0, 4), (0, 13), (1, 10)]  # last tokens of documents
+    lm2 = lm.copy()
+    for r, i in last:
+        lm2[r, i] = 0
+    changed = dict(batch, loss_mask=lm2, tokens=batch["tokens"].copy())
+    for r, i in last:
+        changed["tokens"][r, i] = 3
+    base = _loss(p, c, dict(batch, loss_mask=lm2), CASES["A"], RNG, Impl())[0]
+    np.testing.assert_allclose(float(_loss(p, c, changed, CASES["A"], RNG, Impl())[0]), float(base), rtol=1e-6)
+    # without prompt masking (case B ignores loss_mask) the same change does change the loss
+    b0 = float(_loss(p, c, dict(batch, loss_mask=lm2), CASES["B"], RNG, Impl())[0])
+    assert abs(float(_loss(p, c, changed, CASES["B"], RNG, Impl())[0]) - b0) > 1e-4
+    with pytest.raises(ValueError, match="loss_mask"):
+        build(batch["tokens"], batch["doc_ids"], None, CASES["A"], c.mask_token_id)
+
+
+def test_ar_eval_is_the_clean_half_loss(model):
+    """The AR half of the TiDAR forward is exactly an AR LM: its loss == ar_eval's clean-only forward (T = S) ==
+    the dense reference's AR term."""
+    c, p = model
+    batch = batch_main(c)
+    loss, m = jax.jit(ar_eval, static_argnums=1)(p, c, batch)
+    np.testing.assert_allclose(float(loss), reference("B")["ar_loss"], rtol=2e-5)
+    np.testing.assert_allclose(float(loss), float(_loss(p, c, batch, CASES["B"], RNG, Impl())[1]["ar_loss"]), rtol=2e-5)
+    assert set(m) >= {"loss", "ar_acc", "n_ar_tokens"} and "diff_loss" not in m
+    assert build(batch["tokens"], batch["doc_ids"], None, TidarOptions(mode="ar"), 4)["inputs"].shape == (2, S)
+
+
+def test_chunked_ce_equals_full(model):
+    c, p = model
+    h = jax.random.normal(jax.random.PRNGKey(0), (2, 13, c.hidden_size))
+    y = jax.random.randint(jax.random.PRNGKey(1), (2, 13), 0, c.vocab_size)
+    full, chunked = token_ce(p, h, y), jax.jit(token_ce, static_argnums=3)(p, h, y, 5)
+    np.testing.assert_allclose(np.asarray(chunked[0]), np.asarray(full[0]), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(chunked[1]), np.asarray(full[1]))
+
+
+@pytest.mark.parametrize("kw,field", [(dict(block_size=0), "block_size"), (dict(alpha=-1.0), "alpha"),
+                                      (dict(masking="half"), "masking"), (dict(mask_ratio=0.0), "mask_ratio"),
+                                      (dict(position_gamma=0.0), "position_gamma"), (dict(mode="mlm"), "mode"),
+                                      (dict(anchor=1), "anchor"), (dict(block_size=2.0), "block_size"),
+                                      (dict(ce_chunk=-1), "ce_chunk")])
+def test_options_are_validated(kw, field):
+    with pytest.raises(ValueError, match=f"TidarOptions.{field}="):
+        TidarOptions(**kw)

@@ -1,0 +1,211 @@
+"""TiDAR layouts: id-built layouts == a loop-built dense reference of the paper's rule; train/decode consistency."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zaya.config import preset
+from zaya.model import layout as layout_lib
+from zaya.model.cache import init_cache
+from zaya.model.params import _is_spec, param_dtype, param_specs
+from zaya.model.transformer import Impl, apply, forward
+from zaya.tidar import layout as tl
+from zaya.tidar.objective import TidarOptions, build
+
+
+def np_params(c, seed=0, scale=0.3):
+    """Training init then conftest.randomize's perturbation, in numpy (no per-op XLA compiles: fast on CPU)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        shape, _, kind = spec
+        x = np.zeros(shape)
+        if kind == "normal":
+            x = 0.02 * rng.standard_normal(shape)
+        elif kind == "conv":
+            x = 0.1 * rng.standard_normal(shape)
+            x[:, 1] += 1.0 if len(shape) == 3 else np.eye(shape[-1])
+        elif kind == "bias":
+            x[..., -1] = -1.0
+        elif kind == "ones":
+            x = np.ones(shape)
+        x = x + rng.standard_normal(shape) * scale * (np.abs(x).mean() + 0.05)
+        return jnp.asarray(x, param_dtype(tuple(k.key for k in path), c))
+    return jax.tree_util.tree_map_with_path(leaf, param_specs(c), is_leaf=_is_spec)
+
+
+def reference_layout(doc, b, anchor=False, block_causal=False, doc_aligned=True):
+    """The paper's rule (docs §1.2) by loops, generalised to packed documents and anchored blocks.
+
+    Returns (slots, pos [B, T], mask [B, T, T]); slots[r][t] = (kind, i) with kind clean/mask/anchor/pad and i the
+    clean index it stands for (anchor: the block start it anchors).
+    """
+    doc = np.asarray(doc)
+    B, S = doc.shape
+    out_slots, out_pos, out_mask = [], [], []
+    for r in range(B):
+        d = doc[r]
+        p = np.zeros(S, int)
+        for i in range(1, S):
+            p[i] = p[i - 1] + 1 if d[i] == d[i - 1] else 0
+        slots = [("clean", i) for i in range(S)]
+        if not anchor:
+            slots += [("mask", i) for i in range(S)]
+        else:
+            for g in range(S // b):
+                s = [j for j in range(g * b, g * b + b) if d[j] >= 0 and p[j] > 0 and p[j] % b == 0]
+                slots += [("anchor", s[0]) if s else ("pad", -1)] + [("mask", j) for j in range(g * b, g * b + b)]
+        pos = np.array([p[i] - (k == "anchor") if k != "pad" else 0 for k, i in slots])
+        block = lambda i: p[i] // b if doc_aligned else i // b
+        first = lambda i: p[i] - p[i] % b if doc_aligned else max(i - i % b - (i - p[i]), 0)  # block start position
+        T = len(slots)
+        m = np.zeros((T, T), bool)
+        for q, (qk, qi) in enumerate(slots):
+            for k, (kk, ki) in enumerate(slots):
+                if "pad" in (qk, kk) or d[qi] < 0 or d[ki] != d[qi]:
+                    continue
+                if qk == "clean":
+                    m[q, k] = kk == "clean" and p[ki] <= p[qi]
+                elif kk == "clean":
+                    m[q, k] = p[ki] < first(qi) - (1 if anchor else 0)
+                else:
+                    m[q, k] = block(ki) == block(qi) and (not block_causal or pos[k] <= pos[q])
+        out_slots.append(slots)
+        out_pos.append(pos)
+        out_mask.append(m)
+    return out_slots, np.stack(out_pos), np.stack(out_mask)
+
+
+DOCS = [np.array([[0] * 5 + [1] * 9 + [2] * 2, [0] * 16]),
+        np.array([[3] * 11 + [-1] * 5, [0] * 2 + [1] * 12 + [2] * 2]),
+        np.array([[0] * 4 + [1] * 8 + [2] * 4, [0] * 9 + [-1] * 7])]
+
+
+def _valid(lay):
+    return np.asarray(lay.seg) >= 0
+
+
+@pytest.mark.parametrize("block_causal", [False, True])
+@pytest.mark.parametrize("b", [1, 3, 4])
+def test_training_layout_matches_reference(b, block_causal):
+    """training(): global blocks (default) and document-aligned blocks; mask, positions, conv predecessors."""
+    for doc in DOCS:
+        for aligned in (False, True):
+            lay = tl.training(doc, b, block_causal, doc_aligned=aligned)
+            _, pos, m = reference_layout(doc, b, block_causal=block_causal, doc_aligned=aligned)
+            np.testing.assert_array_equal(layout_lib.dense_mask(lay), m)
+            v = _valid(lay)
+            np.testing.assert_array_equal(np.asarray(lay.pos)[v], pos[v])
+            np.testing.assert_array_equal(np.asarray(lay.prev)[v], layout_lib.prev_from_mask(lay, False)[v])
+
+
+@pytest.mark.parametrize("block_causal", [False, True])
+@pytest.mark.parametrize("b", [1, 2, 4])
+def test_anchored_layout_matches_reference(b, block_causal):
+    """Anchored K+1 blocks: the anchor copies x_{kb-1} at kb-1; the block sees clean <= kb-2 plus itself."""
+    for doc in DOCS:
+        lay = tl.training_anchored(doc, b, block_causal)
+        slots, pos, m = reference_layout(doc, b, anchor=True, block_causal=block_causal)
+        np.testing.assert_array_equal(layout_lib.dense_mask(lay), m)
+        v = _valid(lay)
+        np.testing.assert_array_equal(np.asarray(lay.pos)[v], pos[v])
+        # conv predecessors are 'the visible token at pos-1 / pos-2' (prev_from_mask also asserts it is unique)
+        np.testing.assert_array_equal(np.asarray(lay.prev)[v], layout_lib.prev_from_mask(lay, False)[v])
+        src = np.asarray(tl.anchor_sources(doc, b))
+        for r in range(doc.shape[0]):
+            want = [i - 1 if k == "anchor" else -1 for k, i in slots[r][doc.shape[1]::b + 1]]
+            np.testing.assert_array_equal(src[r], want)
+            idx = tl.anchored_mask_index(doc.shape[1], b)
+            assert [slots[r][j] for j in idx] == [("mask", i) for i in range(doc.shape[1])]
+
+
+def test_builders_trace_under_jit():
+    doc = jnp.asarray(DOCS[0])
+    for f in (lambda d: tl.training(d, 4), lambda d: tl.training(d, 4, doc_aligned=True),
+              lambda d: tl.training_anchored(d, 4), tl.clean):
+        a, b = f(doc), jax.jit(f)(doc)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_array_equal(layout_lib.dense_mask(tl.clean(DOCS[1])), layout_lib.dense_mask(layout_lib.packed(DOCS[1])))
+
+
+def test_anchored_needs_whole_blocks_and_draft_anchored_is_one_block():
+    with pytest.raises(ValueError, match="multiple of block"):
+        tl.training_anchored(np.zeros((1, 10), int), 4)
+    lay = tl.draft_anchored(jnp.array([5, 9]), 4)
+    assert lay.shape == (2, 5)
+    np.testing.assert_array_equal(np.asarray(lay.pos), [[5, 6, 7, 8, 9], [9, 10, 11, 12, 13]])
+    np.testing.assert_array_equal(np.asarray(lay.ctx), [[4] * 5, [8] * 5])
+    np.testing.assert_array_equal(np.asarray(lay.prev[0, :2]), [[layout_lib.PREV_CACHE] * 2, [0, layout_lib.PREV_CACHE]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train/decode consistency with the model (the training block == drafting after a cached prefix).
+
+@pytest.fixture(scope="module")
+def model():
+    c = preset("tiny")
+    return c, np_params(c)
+
+
+IMPL = Impl(moe="dense")  # same math as ragged, compiles faster on CPU
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _apply(p, c, x, lay):
+    return apply(p, c, x, lay, impl=IMPL)[0]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _prefill(p, c, x, n):
+    """zaya.model.forward over the whole rows, committing the first n[r] tokens (rows padded after n[r])."""
+    B, T = x.shape
+    return forward(p, c, x, layout_lib.causal(B, T, valid=n), init_cache(c, B, T + 8), n_commit=n, impl=IMPL)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draft(p, c, x, lay, cache):
+    return forward(p, c, x, lay, cache, impl=IMPL)[0]
+
+
+S, B_ = 16, 4
+
+
+def _tokens(c):
+    return jax.random.randint(jax.random.PRNGKey(7), (2, S), 5, c.vocab_size)
+
+
+def test_training_blocks_equal_decode_drafting(model):
+    """Non-anchored: rows 0/1 draft blocks k0/k1 (several positions, incl. block 0) after their clean prefixes."""
+    c, p = model
+    x = _tokens(c)
+    bt = build(x, jnp.zeros((2, S), jnp.int32), None, TidarOptions(block_size=B_), c.mask_token_id)
+    train = np.asarray(_apply(p, c, bt["inputs"], bt["layout"]))
+    # the clean half is exactly an AR LM (a plain causal forward)
+    np.testing.assert_allclose(train[:, :S], np.asarray(_prefill(p, c, x, jnp.array([S, S]))[0]), atol=2e-5)
+    masks = jnp.full((2, B_), c.mask_token_id, jnp.int32)
+    for k0, k1 in [(1, 3), (2, 0), (3, 2)]:
+        L = np.array([k0 * B_, k1 * B_])
+        cache = _prefill(p, c, x, jnp.asarray(L))[1]
+        draft = np.asarray(_draft(p, c, masks, tl.draft_block(jnp.asarray(L), B_), cache))
+        for r in range(2):
+            np.testing.assert_allclose(draft[r], train[r, S + L[r]:S + L[r] + B_], atol=2e-5)
+
+
+def test_anchored_blocks_equal_decode_drafting(model):
+    """Anchored: [x_{kb-1}, mask x b] after a cache of positions 0..kb-2 == the training block (anchor included)."""
+    c, p = model
+    x = _tokens(c)
+    bt = build(x, jnp.zeros((2, S), jnp.int32), None, TidarOptions(block_size=B_, anchor=True), c.mask_token_id)
+    train = np.asarray(_apply(p, c, bt["inputs"], bt["layout"]))
+    idx = np.asarray(bt["diff_index"])
+    for k0, k1 in [(1, 3), (2, 1), (3, 2)]:
+        kb = np.array([k0 * B_, k1 * B_])
+        toks = jnp.concatenate([x[jnp.arange(2), kb - 1][:, None], jnp.full((2, B_), c.mask_token_id)], 1)
+        cache = _prefill(p, c, x, jnp.asarray(kb - 1))[1]
+        draft = np.asarray(_draft(p, c, toks, tl.draft_anchored(jnp.asarray(kb - 1), B_), cache))
+        for r in range(2):
+            np.testing.assert_allclose(draft[r, 1:], train[r, idx[kb[r]:kb[r] + B_]], atol=2e-5)
+            np.testing.assert_allclose(draft[r, 0], train[r, idx[kb[r]] - 1], atol=2e-5)  # the anchor slot
