@@ -22,4 +22,4 @@ def step(params, c: ZayaConfig, impl: Impl, opts: dict, state: State) -> tuple[S
     logits, chunk, _ = apply(params, c, tok[:, None], lay, state.cache, impl)
     cache = commit(state.cache, chunk, kept)
     state = state.replace(cache=cache, logits=logits[:, 0], key=key, forwards=state.forwards + 1)
-    return state, {"accepted": kept}
+    return state, {"accepted": kept, "next": tok}

@@ -25,6 +25,7 @@ SAMPLERS = {"ar": ar, "two_forward": two_forward, "single_forward": single_forwa
 class Result:
     tokens: list            # generated ids per row (EOS included when hit)
     stats: dict             # forwards, tokens, seconds, tokens_per_s, tokens_per_forward, ...
+    trace: list | None = None  # with trace=True: per step, per row {drafts, accepted, next, active}
 
     def __iter__(self):  # `tokens, stats = zaya.generate(...)`
         return iter((self.tokens, self.stats))
@@ -67,11 +68,12 @@ def _jitted(sampler: str, cfg, impl, opts_items):
 
 def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
-             stop: list | None = None, progress: bool = False, **sampler_opts) -> Result:
+             stop: list | None = None, progress: bool = False, trace: bool = False, **sampler_opts) -> Result:
     """Generate up to ``max_new_tokens`` per row. Returns Result(tokens per row, stats).
 
     sampler: one of SAMPLERS ("ar" here; block samplers register themselves). Rows stop independently on
-    ``eos_id``, on a ``stop`` sequence (list of id lists) or on the budget.
+    ``eos_id``, on a ``stop`` sequence (list of id lists) or on the budget. ``trace=True`` keeps every step's
+    drafts, accepted counts and next tokens (for notebooks and debugging).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -126,4 +128,7 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     extra = getattr(mod, "summarize", None)
     if extra is not None:
         stats.update(extra(infos, opts))
-    return Result(tokens, stats)
+    steps = None
+    if trace:
+        steps = [{k: np.asarray(v).tolist() for k, v in info.items()} for info in infos]
+    return Result(tokens, stats, steps)

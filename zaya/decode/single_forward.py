@@ -43,6 +43,7 @@ def step(params, c, impl, opts, state: State):
     K, lv = o["block_size"], levels_of(o)
     P, W = len(lv), o["block_size"] + 1
     B = state.n.shape[0]
+    drafts = state.drafts
     key, k_acc, k_draft = jax.random.split(state.key, 3)
     tokens = jnp.concatenate([state.pending[:, None], state.drafts,
                               jnp.full((B, P * W), c.mask_token_id, jnp.int32)], 1)
@@ -66,7 +67,7 @@ def step(params, c, impl, opts, state: State):
     zkeep = jnp.where(valid[..., None], zd, 0.0) if block.keep_logits(o) else None
     state = state.replace(cache=cache, pending=nxt, drafts=drafts, draft_probs=probs, draft_logits=zkeep, key=key,
                           forwards=state.forwards + 1)
-    return state, {"accepted": n, "active": active}
+    return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt}
 
 
 def summarize(infos, opts):

@@ -52,7 +52,7 @@ def step(params, c, impl, opts, state: State):
     d, probs = block.draft_tokens(znext, k_draft, o)
     state = state.replace(cache=cache, drafts=d, draft_probs=probs, draft_logits=znext, key=key,
                           forwards=state.forwards + 1)
-    return state, {"accepted": n_acc, "active": active}
+    return state, {"accepted": n_acc, "active": active, "drafts": tokens[:, :b], "next": tokens[:, 0]}
 
 
 def summarize(infos, opts):

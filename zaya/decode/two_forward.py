@@ -29,6 +29,7 @@ def init(params, c, impl, opts, state: State) -> State:
 def step(params, c, impl, opts, state: State):
     o = block.options(opts)
     K = o["block_size"]
+    drafts = state.drafts
     key, k_acc, k_draft = jax.random.split(state.key, 3)
     tokens = jnp.concatenate([state.pending[:, None], state.drafts], 1)
     z, chunk, _ = apply(params, c, tokens, layouts.verify(state.cache.length, K), state.cache, impl)
@@ -36,7 +37,7 @@ def step(params, c, impl, opts, state: State):
     cache = commit(state.cache, chunk, jnp.where(active, n + 1, 0))
     state = state.replace(cache=cache, pending=nxt, key=key, forwards=state.forwards + 1)
     state = block.draft_after(params, c, impl, o, state, k_draft)
-    return state, {"accepted": n, "active": active}
+    return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt}
 
 
 def summarize(infos, opts):
