@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmarks (tiny sizes): rows with the expected keys and files in the out dir. No speed checks."""
+import argparse
+import json
+import os
+
+import pytest
+
+from zaya.bench import cli, common, decode, forward, roofline, samplers
+
+
+def test_machine_description_names_the_hardware():
+    m = common.machine()
+    for k in ("cpu", "cores", "jax", "backend", "devices"):
+        assert m[k]
+    md = common.machine_markdown(m)
+    assert m["cpu"] in md and f"jax {m['jax']}" in md and m["backend"] in md
+
+
+def test_forward_smoke(tmp_path):
+    res = forward.run(("tiny",), str(tmp_path), quick=True, batches=(1,), seqs=(8,), widths=(1, 4), cache_len=8)
+    assert {"throughput", "ratio", "machine"} <= set(res)
+    (t,) = res["throughput"]
+    assert {"preset", "batch", "seq", "ms", "tokens_per_s"} <= set(t) and t["tokens"] == 8
+    assert [r["T"] for r in res["ratio"]] == [1, 4]
+    assert res["ratio"][0]["ratio"] == 1.0 and res["ratio"][1]["cache_len"] == 8
+    for f in ("forward.md", "forward.json", "forward_throughput.csv", "forward_ratio.csv", "forward_ratio.png"):
+        assert os.path.getsize(tmp_path / f) > 0
+    md = (tmp_path / "forward.md").read_text()
+    assert "machine:" in md and "t(T)/t(1)" in md
+    # the roofline comparison consumes these rows
+    cmp = roofline.cpu_comparison(res["ratio"], roofline.Hardware("cpu", 1e10, 1e11, overhead=1e-5))
+    assert [r["T"] for r in cmp] == [1, 4] and cmp[0]["pred_ratio"] == pytest.approx(1.0)
+    assert {"measured_ratio", "pred_ratio", "pure_ratio", "ideal_ratio", "bound"} <= set(cmp[1])
+
+
+def test_decode_smoke(tmp_path):
+    rows = decode.run(("tiny",), str(tmp_path), quick=True, batches=(2,), prompt_len=4, new_tokens=3)
+    (r,) = rows
+    assert {"preset", "batch", "ms_per_token", "ms_per_step", "tokens_per_s", "forwards", "prefill_ms"} <= set(r)
+    assert r["batch"] == 2 and r["tokens"] == 6 and r["forwards"] == 3
+    for f in ("decode.md", "decode.json", "decode.csv"):
+        assert os.path.getsize(tmp_path / f) > 0
+
+
+def test_samplers_smoke(tmp_path):
+    grid = [dict(sampler="two_forward", block_size=2, levels=None, acceptance="greedy", batch=2)]
+    # batch 2, 4-token prompts, 3 new tokens: the same AR executables as test_decode_smoke (compiled once)
+    rows = samplers.run(out=str(tmp_path), grid=grid, max_new_tokens=3, repeats=1, compile_cache=False, prompt_len=4)
+    (r,) = rows
+    for k in ("config", "acceptance", "batch", "tokens_per_forward", "tokens_per_step", "tokens_per_step_hist",
+              "acceptance_per_position", "useful_slot_fraction", "speedup", "speedup_e2e", "equal_ar",
+              "seconds", "ar_seconds"):
+        assert k in r, k
+    assert r["equal_ar"] is True  # greedy two-forward is exactly AR
+    assert len(r["acceptance_per_position"]) == 2 and r["batch"] == 2 and r["tokens"] == 6
+    for f in ("samplers.md", "samplers.csv", "samplers.json", "samplers_acceptance.png", "samplers_speedup.png"):
+        assert os.path.getsize(tmp_path / f) > 0
+    data = json.loads((tmp_path / "samplers.json").read_text())
+    assert "RANDOM" in data["model"] and data["rows"][0]["config"] == "TF K=2"
+
+
+def test_samplers_grid_and_prompts():
+    g = samplers.default_grid()
+    assert {c["sampler"] for c in g} == {"two_forward", "single_forward", "tidar"}
+    assert {c["batch"] for c in g} == {1, 8} and {c["block_size"] for c in g} == {4, 8, 16}
+    assert samplers.sparse_levels(16) == (0, 4, 7, 11)
+    assert all(samplers.sparse_levels(k)[0] == 0 and max(samplers.sparse_levels(k)) <= k for k in range(1, 33))
+    import zaya
+    c = zaya.preset("tiny").replace(vocab_size=261)
+    p, desc = samplers.make_prompts(c, 3)
+    assert "tasks" in desc and len(p) == 3 and all(x[0] == 2 and max(x) < 261 for x in p)
+    p, desc = samplers.make_prompts(zaya.preset("tiny"), 2, length=7)
+    assert "random" in desc and all(len(x) == 7 for x in p)
+
+
+@pytest.mark.parametrize("what", ["forward", "decode", "convert", "samplers", "all"])
+def test_cli_dispatch(monkeypatch, tmp_path, what):
+    calls = []
+    from zaya.bench import convert
+    monkeypatch.setattr(forward, "run", lambda *a, **k: calls.append("forward") or {"ratio": []})
+    monkeypatch.setattr(decode, "run", lambda *a, **k: calls.append("decode") or [])
+    monkeypatch.setattr(convert, "run", lambda *a, **k: calls.append("convert") or {})
+    monkeypatch.setattr(samplers, "run", lambda *a, **k: calls.append(("samplers", k.get("model_path"),
+                                                                      k.get("preset"))) or [])
+    monkeypatch.setattr(roofline, "measure_cpu", lambda *a, **k: roofline.Hardware("cpu", 1e10, 1e11))
+    a = argparse.Namespace(what=what, preset=None, out=str(tmp_path / "o"), size_gb=0.01, quick=True)
+    cli.main(a)
+    want = {"forward": ["forward"], "decode": ["decode"], "convert": ["convert"],
+            "samplers": [("samplers", None, "tiny")],
+            "all": ["forward", "decode", ("samplers", None, "tiny"), "convert"]}[what]
+    assert calls == want
+
+
+def test_cli_samplers_model_folder(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(samplers, "run", lambda *a, **k: calls.append((k.get("model_path"), k.get("preset"))) or [])
+    monkeypatch.delenv("ZAYA_BENCH_MODEL", raising=False)
+    a = argparse.Namespace(what="samplers", preset=[str(tmp_path)], out=None, size_gb=1.0, quick=True)
+    cli.main(a)
+    assert calls == [(str(tmp_path), None)]

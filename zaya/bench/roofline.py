@@ -1,0 +1,457 @@
+"""A memory-traffic (roofline) model of one decode step of a ZAYA1-style MoE under each block sampler.
+
+For a config (ZayaConfig), hardware (HBM bandwidth W, peak FLOP/s F, a fixed per-forward overhead), batch B,
+context L, block size K and proposal levels, every forward of T new tokens per row costs
+
+  bytes  = weights touched + per-row KV/conv state read + new states written + activations and logits written
+  FLOPs  = B*T*(2*active matmul params + 2*V*D lm_head) + B*T*n_layers*4*H*d*(L + T)      (attention: QK^T and PV)
+  t      = max(bytes / W, FLOPs / F) + overhead
+
+with the weights read once per forward: the attention, router, norm and embedding weights always, and for the MoE
+only the experts hit by the forward's B*T tokens, E*(1-(1-1/E)^(B*T)) per layer in expectation under uniform
+top-1 routing (moe="distinct"; moe="dense" is every expert on every token, which is how jax lowers
+``ragged_dot`` on CPU). A decode step is one or more forwards:
+
+  ar              1 forward,  T = 1                       tokens/step 1
+  two_forward     2 forwards, T = K+1 each                tokens/step (1-b^(K+1))/(1-b)
+  single_forward  1 forward,  T = (K+1)(1+P)              dense levels: as TF; sparse levels: a Markov chain (below)
+  tidar           1 forward,  T = b + b^2                 tokens/step (1-b^b)/(1-b)      (b = K, no bonus token)
+
+with i.i.d. per-position acceptance beta. With sparse levels the proposal chosen after n accepted drafts is the
+one at the largest level l <= n, shifted by n - l, so the next step has only K - (n - l) valid drafts (the rest are
+mask ids that are never accepted); the expected tokens/step is the stationary mean of that chain.
+The speedup bound over AR is E[tokens/step] * t_AR_step / t_step (AR's bound is 1 by construction).
+
+Formulas, hardware sources and the ZAYA1-8B tables: experiments/results/roofline.md.
+CLI: python -m zaya.bench.roofline [--out DIR] [--forward-json forward.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from zaya.config import ZayaConfig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hardware.
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    name: str
+    bandwidth: float        # HBM (or DRAM) bytes/s
+    peak_flops: float       # dense FLOP/s at the model's dtype (bf16 on accelerators)
+    memory: float | None = None   # bytes of device memory (None: unknown/ignored)
+    overhead: float = 0.0   # fixed seconds per forward (kernel launches, host sync, sampling)
+    source: str = ""
+
+    @property
+    def ridge(self) -> float:
+        """FLOP per byte at which compute and memory time are equal."""
+        return self.peak_flops / self.bandwidth
+
+
+GPU_OVERHEAD = 200e-6  # assumed fixed cost per forward on accelerators (see roofline.md: sensitivity table)
+
+# Vendor numbers: dense (no 2:4 sparsity) BF16 tensor/matrix peak, HBM bandwidth, capacity. Sources in roofline.md.
+HARDWARE = {
+    "H100": Hardware("H100 SXM", 3.35e12, 989.4e12, 80e9, GPU_OVERHEAD,
+                     "NVIDIA H100 datasheet: BF16 1,979 TFLOPS with sparsity (989 dense), 3.35 TB/s HBM3, 80 GB"),
+    "H200": Hardware("H200 SXM", 4.8e12, 989.4e12, 141e9, GPU_OVERHEAD,
+                     "NVIDIA H200 datasheet: BF16 1,979 TFLOPS with sparsity (989 dense), 4.8 TB/s HBM3e, 141 GB"),
+    "MI300X": Hardware("MI300X", 5.3e12, 1307.4e12, 192e9, GPU_OVERHEAD,
+                       "AMD Instinct MI300X datasheet: BF16 1,307.4 TFLOPS dense (2,614.9 sparse), 5.3 TB/s, 192 GB"),
+    "MI355X": Hardware("MI355X", 8.0e12, 2516.6e12, 288e9, GPU_OVERHEAD,
+                       "AMD Instinct MI355X datasheet: BF16 2.5 PFLOPS dense (5.0 sparse), 8 TB/s HBM3E, 288 GB"),
+}
+
+
+def measure_cpu(size_mb: int = 256, matmul: int = 1024, repeats: int = 5) -> Hardware:
+    """This machine as a Hardware: DRAM bandwidth from a numpy copy (read + write bytes), fp32 FLOP/s from a jitted
+    matmul (best of sizes matmul and 2*matmul), overhead from an empty jitted call. Medians of repeats."""
+    import jax
+    import jax.numpy as jnp
+
+    n = size_mb * 2**20 // 8
+    src = np.ones(n, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        ts.append(time.perf_counter() - t0)
+    bw = 2 * src.nbytes / float(np.median(ts))
+    best = 0.0
+    for m in (matmul, 2 * matmul):
+        a = jnp.ones((m, m), jnp.float32)
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, a).block_until_ready()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, a).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        best = max(best, 2 * m**3 / float(np.median(ts)))
+    g = jax.jit(lambda x: x + 1)
+    x = jnp.ones((8,), jnp.float32)
+    g(x).block_until_ready()
+    ts = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        g(x).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    from zaya.bench.common import _cpu_model
+    return Hardware(f"CPU {_cpu_model()} (measured)", bw, best, None, float(np.median(ts)),
+                    f"measured: numpy copy {size_mb} MiB (2x bytes / time), jitted fp32 matmul {matmul}/{2 * matmul}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model sizes from the parameter tree.
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    nonexpert_bytes: float     # every weight except the experts (embedding/lm_head, attention, router, norms)
+    expert_bytes: float        # one expert of one layer
+    matmul_params_per_token: float  # non-expert matmul params one token multiplies through (lm_head included)
+    expert_params: float       # one expert of one layer (3*D*F)
+    state_read_per_row: float  # conv state + delayed value read per row per forward (all layers), bytes
+    kv_per_token: float        # K and V bytes per cached token (all layers)
+    new_state_per_token: float  # k, v, conv input and delayed value written per new token (all layers), bytes
+    act_per_token: float       # activations + fp32 logits written per new token, bytes
+
+
+def sizes(c: ZayaConfig, kv_dtype: str | None = None) -> Sizes:
+    from zaya.model.params import param_shapes
+    s = _itemsize(c.dtype)
+    skv = _itemsize(kv_dtype or c.dtype)
+    shapes = param_shapes(c)
+    import jax
+    leaves = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    total = exp = 0
+    for path, shp in leaves:
+        names = [p.key for p in path]
+        n = int(np.prod(shp))
+        if "experts" in names:
+            exp += n
+        else:
+            total += n * (4 if names[-1] == "bias" and "router" in names else s)
+    Lyr, D, H, Kh, d = c.num_layers, c.hidden_size, c.num_q_heads, c.num_kv_heads, c.head_dim
+    E, F, R, V, C = c.num_experts, c.moe_intermediate_size, c.router_hidden_size, c.vocab_size, c.conv_channels
+    per_layer_mm = (D * (H * d + Kh * d + Kh * d)   # q, k, v_cur + v_del
+                    + H * d * D                     # o
+                    + 2 * (H + Kh) * d * d          # grouped conv2, 2 taps
+                    + D * R + 2 * R * R + R * (E + 1))  # router MLP
+    return Sizes(
+        nonexpert_bytes=float(total),
+        expert_bytes=float(exp * s / (Lyr * E)),
+        matmul_params_per_token=float(Lyr * per_layer_mm + V * D),
+        expert_params=float(3 * D * F),
+        state_read_per_row=float(Lyr * (2 * C + Kh * d // 2) * skv),
+        kv_per_token=float(Lyr * 2 * Kh * d * skv),
+        new_state_per_token=float(Lyr * (2 * Kh * d + C + Kh * d // 2) * skv),
+        act_per_token=float(Lyr * (8 * D * 4 + (2 * H * d + 2 * Kh * d) * s + 3 * F * s) + V * 4),
+    )
+
+
+def expected_distinct_experts(E: int, n_tokens: float) -> float:
+    """Expected number of distinct experts hit by n tokens under uniform top-1 routing: E*(1-(1-1/E)^n)."""
+    if n_tokens <= 0:
+        return 0.0
+    return E * (1.0 - (1.0 - 1.0 / E) ** n_tokens)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One forward.
+
+def forward_cost(c: ZayaConfig, hw: Hardware, batch: int, T: int, context: int, moe: str = "distinct",
+                 chunk_keys: str = "dense", kv_dtype: str | None = None, logits: bool = True) -> dict:
+    """Bytes, FLOPs and time of one forward of ``T`` new tokens per row for ``batch`` rows after ``context`` cached
+    tokens. moe: 'distinct' (only the experts hit) or 'dense' (every expert on every token). chunk_keys: 'dense'
+    (each new token scores all T chunk keys, as a masked dense chunk) or 'causal' (T/2 on average)."""
+    z = sizes(c, kv_dtype)
+    N = batch * T
+    E = c.num_experts
+    if moe == "distinct":
+        hit, experts_per_token = expected_distinct_experts(E, N), 1
+    elif moe == "dense":
+        hit, experts_per_token = (float(E) if N > 0 else 0.0), E
+    else:
+        raise ValueError(f"moe={moe!r}; use 'distinct' or 'dense'")
+    weights = z.nonexpert_bytes + c.num_layers * hit * z.expert_bytes
+    kv = batch * (context * z.kv_per_token + z.state_read_per_row)
+    act_tok = z.act_per_token - (0 if logits else c.vocab_size * 4)
+    if moe == "dense":  # the dense lowering materialises [E, N, D] inputs and [E, N, 3F] hidden states
+        act_tok += c.num_layers * (E - 1) * (c.hidden_size + 3 * c.moe_intermediate_size) * _itemsize(c.dtype)
+    written = N * (z.new_state_per_token + act_tok)
+    keys = context + (T if chunk_keys == "dense" else (T + 1) / 2)
+    flops_mm = 2.0 * N * (z.matmul_params_per_token + experts_per_token * z.expert_params)
+    flops_attn = 4.0 * N * c.num_layers * c.num_q_heads * c.head_dim * keys
+    nbytes = weights + kv + written
+    flops = flops_mm + flops_attn
+    t_mem, t_cmp = nbytes / hw.bandwidth, flops / hw.peak_flops
+    return {"T": T, "batch": batch, "context": context, "tokens": N, "experts_hit": hit,
+            "bytes": nbytes, "weight_bytes": weights, "kv_bytes": kv, "written_bytes": written,
+            "flops": flops, "t_mem": t_mem, "t_compute": t_cmp, "seconds": max(t_mem, t_cmp) + hw.overhead,
+            "bound": "memory" if t_mem >= t_cmp else "compute", "intensity": flops / nbytes}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokens per step.
+
+def tokens_per_step_iid(beta: float, drafts: int) -> float:
+    """E[1 + accepted] with `drafts` drafts and i.i.d. acceptance beta: (1 - beta^(drafts+1)) / (1 - beta)."""
+    if beta >= 1.0:
+        return float(drafts + 1)
+    return (1.0 - beta ** (drafts + 1)) / (1.0 - beta)
+
+
+def tokens_per_step_levels(beta: float, K: int, levels) -> float:
+    """Stationary E[tokens/step] of the single-forward sampler with proposal ``levels`` (see module doc)."""
+    lv = sorted(set(int(x) for x in levels))
+    if lv[0] != 0:
+        raise ValueError("levels must include 0")
+    lvl_of = [max(l for l in lv if l <= n) for n in range(K + 1)]
+    P = np.zeros((K + 1, K + 1))  # state m = number of valid drafts this step
+    for m in range(K + 1):
+        for n in range(m + 1):
+            p = beta ** n * ((1 - beta) if n < m else 1.0)
+            P[m, K - (n - lvl_of[n])] += p
+    pi = np.zeros(K + 1)
+    pi[K] = 1.0
+    for _ in range(10000):
+        nxt = pi @ P
+        if np.abs(nxt - pi).max() < 1e-14:
+            pi = nxt
+            break
+        pi = nxt
+    return float(sum(pi[m] * tokens_per_step_iid(beta, m) for m in range(K + 1)))
+
+
+def sampler_forwards(sampler: str, K: int, levels=None) -> list[int]:
+    """Query tokens per row of each forward of one step."""
+    if sampler == "ar":
+        return [1]
+    if sampler == "two_forward":
+        return [K + 1, K + 1]
+    if sampler == "single_forward":
+        P = K + 1 if levels is None else len(levels)
+        return [(K + 1) * (1 + P)]
+    if sampler == "tidar":
+        return [K + K * K]
+    raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def tokens_per_step(sampler: str, beta: float, K: int, levels=None) -> float:
+    if sampler == "ar":
+        return 1.0
+    if sampler == "two_forward" or (sampler == "single_forward" and levels is None):
+        return tokens_per_step_iid(beta, K)
+    if sampler == "single_forward":
+        return tokens_per_step_levels(beta, K, levels)
+    if sampler == "tidar":
+        return tokens_per_step_iid(beta, K - 1)
+    raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def step_cost(c: ZayaConfig, hw: Hardware, sampler: str, batch: int, context: int, K: int = 16, levels=None,
+              beta: float = 0.85, **kw) -> dict:
+    """Cost of one decode step of ``sampler`` and its speedup bound over AR at the same batch and context."""
+    fw = [forward_cost(c, hw, batch, T, context, **kw) for T in sampler_forwards(sampler, K, levels)]
+    ar = forward_cost(c, hw, batch, 1, context, **kw)
+    t = sum(f["seconds"] for f in fw)
+    e = tokens_per_step(sampler, beta, K, levels)
+    return {"sampler": sampler, "K": K, "levels": levels, "beta": beta, "batch": batch, "context": context,
+            "forwards": len(fw), "query_tokens": sum(sampler_forwards(sampler, K, levels)),
+            "bytes": sum(f["bytes"] for f in fw), "flops": sum(f["flops"] for f in fw), "seconds": t,
+            "ar_seconds": ar["seconds"], "cost_ratio": t / ar["seconds"], "tokens_per_step": e,
+            "speedup": e * ar["seconds"] / t, "bound": "+".join(dict.fromkeys(f["bound"] for f in fw)),
+            "tokens_per_s": batch * e / t, "ar_tokens_per_s": batch / ar["seconds"]}
+
+
+def fits(c: ZayaConfig, hw: Hardware, batch: int, context: int, slack_tokens: int = 300) -> bool:
+    """Weights + KV/conv cache of ``batch`` rows at ``context`` (+ slack) fit in one device's memory."""
+    if hw.memory is None:
+        return True
+    z = sizes(c)
+    weights = z.nonexpert_bytes + c.num_layers * c.num_experts * z.expert_bytes
+    return weights + batch * (context + slack_tokens) * z.kv_per_token <= hw.memory
+
+
+def knee_tokens(c: ZayaConfig, hw: Hardware, context: int = 0, moe: str = "distinct") -> int:
+    """Smallest number of tokens in one forward (batch 1 x T) at which the forward becomes compute-bound."""
+    lo, hi = 1, 1 << 22
+    if forward_cost(c, hw, 1, hi, context, moe=moe)["bound"] == "memory":
+        return hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if forward_cost(c, hw, 1, mid, context, moe=moe)["bound"] == "compute":
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tables.
+
+LAYOUTS_8B = [("TF K=16", "two_forward", None), ("SF 0,4,7,11", "single_forward", (0, 4, 7, 11)),
+              ("SF dense", "single_forward", None), ("TiDAR b=16", "tidar", None)]
+
+
+def zaya8b_table(hardware=("H100", "H200", "MI300X", "MI355X"), batches=(1, 4, 16, 64, 256),
+                 contexts=(4096, 32768, 131072), beta: float = 0.85, K: int = 16, overhead: float | None = None,
+                 layouts=LAYOUTS_8B) -> list[dict]:
+    from zaya.config import preset
+    c = preset("zaya1-8b", dtype="bfloat16")
+    rows = []
+    for hn in hardware:
+        hw = HARDWARE[hn] if overhead is None else dataclasses.replace(HARDWARE[hn], overhead=overhead)
+        for L in contexts:
+            for B in batches:
+                ar = forward_cost(c, hw, B, 1, L)
+                r = {"hw": hn, "context": L, "batch": B, "fits": fits(c, hw, B, L),
+                     "ar_ms": 1e3 * ar["seconds"], "ar_bound": ar["bound"], "ar_tok_s": B / ar["seconds"]}
+                for name, s, lv in layouts:
+                    st = step_cost(c, hw, s, B, L, K, lv, beta)
+                    r[name] = st["speedup"]
+                    r[name + " ratio"] = st["cost_ratio"]
+                    r[name + " bound"] = st["bound"]
+                rows.append(r)
+    return rows
+
+
+def zaya8b_markdown(rows, layouts=LAYOUTS_8B) -> str:
+    head = ["accel", "context", "B", "AR ms/step", "AR bound"] + [f"{n} (ratio)" for n, _, _ in layouts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mark = "" if r["fits"] else " †"
+        cells = [r["hw"], f"{r['context'] // 1024}k", f"{r['batch']}{mark}", f"{r['ar_ms']:.2f}", r["ar_bound"]]
+        for n, _, _ in layouts:
+            b = "c" if "compute" in r[n + " bound"] else "m"
+            cells.append(f"**{r[n]:.2f}**× ({r[n + ' ratio']:.1f}, {b})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_comparison(forward_rows: list[dict], hw: Hardware) -> list[dict]:
+    """Predicted vs measured forward-cost ratios (rows from zaya.bench.forward.cost_ratio, with a 'preset' key).
+
+    Two predictions: 'as implemented' (dense MoE lowering on CPU, attention over every allocated cache slot) with
+    the fixed overhead calibrated so that T=1 matches, and the same without overhead (pure roofline)."""
+    from zaya.config import preset
+    out = []
+    for name in dict.fromkeys(r["preset"] for r in forward_rows):
+        rr = sorted((r for r in forward_rows if r["preset"] == name), key=lambda r: r["T"])
+        c = preset(name, dtype=rr[0].get("dtype", "float32"))
+        ctx = rr[0]["cache_slots"]
+        B = rr[0]["batch"]
+        pred = {r["T"]: forward_cost(c, dataclasses.replace(hw, overhead=0.0), B, r["T"], ctx, moe="dense")
+                for r in rr}
+        ideal = {r["T"]: forward_cost(c, dataclasses.replace(hw, overhead=0.0), B, r["T"], rr[0]["cache_len"])
+                 for r in rr}
+        t1_meas = rr[0]["ms"] / 1e3
+        ovh = max(0.0, t1_meas - pred[rr[0]["T"]]["seconds"])
+        for r in rr:
+            p = pred[r["T"]]
+            t_cal = p["seconds"] + ovh
+            out.append({"preset": name, "T": r["T"], "measured_ms": r["ms"], "measured_ratio": r["ratio"],
+                        "roofline_ms": 1e3 * p["seconds"], "bound": p["bound"],
+                        "pred_ms": 1e3 * t_cal, "pred_ratio": t_cal / (pred[rr[0]["T"]]["seconds"] + ovh),
+                        "pure_ratio": p["seconds"] / pred[rr[0]["T"]]["seconds"],
+                        "ideal_ratio": ideal[r["T"]]["seconds"] / ideal[rr[0]["T"]]["seconds"],
+                        "overhead_ms": 1e3 * ovh, "mbytes": p["bytes"] / 1e6, "mflops": p["flops"] / 1e6})
+    return out
+
+
+def plot_speedup_vs_batch(out: str, beta: float = 0.85, contexts=(4096, 32768, 131072),
+                          batches=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> str | None:
+    from zaya.bench.common import pyplot
+    plt = pyplot()
+    if plt is None:
+        return None
+    from zaya.config import preset
+    c = preset("zaya1-8b", dtype="bfloat16")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharey=True)
+    styles = {4096: "-", 32768: "--", 131072: ":"}
+    colors = {"TF K=16": "C0", "SF 0,4,7,11": "C1", "SF dense": "C2", "TiDAR b=16": "C3"}
+    for ax, hn in zip(axes, ("H100", "H200", "MI300X", "MI355X")):
+        hw = HARDWARE[hn]
+        for L in contexts:
+            for name, s, lv in LAYOUTS_8B:
+                bs = [b for b in batches if fits(c, hw, b, L)]
+                ys = [step_cost(c, hw, s, b, L, 16, lv, beta)["speedup"] for b in bs]
+                ax.plot(bs, ys, styles[L], color=colors[name], marker="o", ms=2.5,
+                        label=f"{name}, {L // 1024}k" if hn == "H100" else None)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"{hn} (bf16)")
+        ax.set_xlabel("batch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"speedup bound over AR (beta={beta}, K=16)")
+    fig.legend(loc="lower center", ncol=6, fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    p = os.path.join(out, "roofline_speedup_vs_batch.png")
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--forward-json", default=None, help="forward.json from `zaya bench forward --out` (else measure)")
+    ap.add_argument("--beta", type=float, default=0.85)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    run(a.out, a.forward_json, a.beta, a.quick)
+
+
+def run(out: str | None = None, forward_json: str | None = None, beta: float = 0.85, quick: bool = False) -> dict:
+    """CPU measurement + predicted-vs-measured forward-cost ratios + the ZAYA1-8B table and plot."""
+    from zaya.bench import common
+    m = common.machine()
+    cpu = measure_cpu(64 if quick else 256, 256 if quick else 1024, 3 if quick else 7)
+    if forward_json and os.path.exists(forward_json):
+        with open(forward_json) as f:
+            fwd = json.load(f)["ratio"]
+    else:
+        from zaya.bench import forward
+        fwd = forward.run(("tiny",) if quick else ("tiny", "small-100m"), None, quick)["ratio"]
+    cmp_rows = cpu_comparison(fwd, cpu)
+    rows = zaya8b_table(batches=(1, 4) if quick else (1, 4, 16, 64, 256),
+                        contexts=(4096,) if quick else (4096, 32768, 131072), beta=beta)
+    parts = ["## Roofline model", "", common.machine_markdown(m),
+             f"- measured CPU: {cpu.bandwidth / 1e9:.1f} GB/s copy bandwidth, {cpu.peak_flops / 1e9:.1f} GFLOP/s "
+             f"fp32 matmul, {1e6 * cpu.overhead:.0f} µs empty jitted call; ridge {cpu.ridge:.1f} FLOP/byte", "",
+             common.md_table(cmp_rows, ["preset", "T", ("measured_ms", "measured ms", ".2f"),
+                                        ("measured_ratio", "measured t(T)/t(1)", ".2f"),
+                                        ("pred_ratio", "predicted (calibrated)", ".2f"),
+                                        ("pure_ratio", "pure roofline", ".2f"),
+                                        ("ideal_ratio", "ideal kernels", ".2f"),
+                                        ("pred_ms", "predicted ms", ".2f"), "bound",
+                                        ("overhead_ms", "overhead ms", ".2f")],
+                             "forward-cost ratio on this CPU: predicted vs measured"), "",
+             f"### ZAYA1-8B bf16, speedup bound over AR (beta={beta}, K=16)", "", zaya8b_markdown(rows)]
+    md = "\n".join(parts)
+    print(md)
+    res = {"machine": m, "cpu": dataclasses.asdict(cpu), "comparison": cmp_rows, "zaya8b": rows}
+    if out:
+        common.write_outputs(out, "roofline", md, res, {"cpu": cmp_rows, "zaya8b": rows})
+        plot_speedup_vs_batch(out, beta)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""``zaya bench samplers``: block samplers against AR on the same model and prompts, side by side.
+
+Sweep: sampler (two_forward "TF", single_forward "SF" with dense or sparse proposal levels, TiDAR's published
+layout) x acceptance rule x block size x proposal levels x batch. For every configuration:
+
+- tokens per forward (mean) and per step (mean and histogram), acceptance per draft position, useful-slot fraction
+  (committed tokens / query tokens computed), all from ``zaya.generate``'s stats;
+- WALL-CLOCK speedup over ``sampler='ar'`` on the same model, prompts, batch and token budget, measured in the same
+  process, interleaved (ar, config, ar, config, ...), medians; compile excluded (``generate`` compiles before its
+  timers) and the persistent XLA cache (``enable_compile_cache``) saves recompiling what configs share;
+- whether the generated tokens equal AR's (the greedy lossless check; temperature 0). TiDAR's published layout has
+  no bonus token (its block's first token comes from the diffusion slot), so it is not expected to equal AR.
+
+Model: a checkpoint folder (``model_path``; e.g. the demo's converted model) or, as a fallback, the random ``tiny``
+preset. Acceptance numbers from random weights are MEANINGLESS (the drafter was never trained); only the cost side
+(forwards, query tokens, wall time per step) says anything then. Prompts: the generated task set
+(``zaya.data.tasks``) encoded with the byte tokenizer when the model's vocabulary is the byte vocabulary (261); random
+ids otherwise. Rows never stop at EOS (every row decodes the full budget) so AR and the samplers do the same work.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+import numpy as np
+
+from zaya.bench import common
+
+BYTE_VOCAB = 261
+
+
+def sparse_levels(K: int) -> tuple[int, ...]:
+    """Zyphra's best AMD levels (0, 4, 7, 11) at K=16, scaled to other block sizes."""
+    return tuple(sorted({0} | {min(K, max(1, round(K * f))) for f in (0.25, 0.44, 0.69)}))
+
+
+def default_grid(quick: bool = False, block_sizes=None, batches=None, acceptances=None) -> list[dict]:
+    """The configurations run by default (sized for a few minutes on CPU with the tiny model).
+
+    - block-size sweep at batch 1, greedy: TF, SF sparse, SF dense, TiDAR for each block size;
+    - acceptance sweep at the largest block size, batch 1: TF and SF sparse with each extra rule;
+    - batch sweep at the largest block size, greedy: TF, SF sparse, TiDAR for each extra batch.
+    """
+    if quick:
+        K = (block_sizes or (4,))[0]
+        return [dict(sampler="two_forward", block_size=K, levels=None, acceptance="greedy", batch=b)
+                for b in (batches or (1,))] + \
+               [dict(sampler="single_forward", block_size=K, levels=sparse_levels(K), acceptance="greedy",
+                     batch=(batches or (1,))[0]),
+                dict(sampler="tidar", block_size=K, levels=None, acceptance="greedy", batch=(batches or (1,))[0])]
+    block_sizes = tuple(block_sizes or (4, 8, 16))
+    batches = tuple(batches or (1, 8))
+    acceptances = tuple(acceptances or ("greedy", "typical", "topk"))
+    Kmax, b0 = max(block_sizes), batches[0]
+    grid = []
+    for K in block_sizes:
+        grid += [dict(sampler="two_forward", block_size=K, levels=None, acceptance="greedy", batch=b0),
+                 dict(sampler="single_forward", block_size=K, levels=sparse_levels(K), acceptance="greedy", batch=b0),
+                 dict(sampler="single_forward", block_size=K, levels=None, acceptance="greedy", batch=b0),
+                 dict(sampler="tidar", block_size=K, levels=None, acceptance="greedy", batch=b0)]
+    for acc in acceptances:
+        if acc == "greedy":
+            continue
+        for s, lv in (("two_forward", None), ("single_forward", sparse_levels(Kmax))):
+            grid.append(dict(sampler=s, block_size=Kmax, levels=lv, acceptance=acc, batch=b0))
+    for b in batches[1:]:
+        for s, lv in (("two_forward", None), ("single_forward", sparse_levels(Kmax)), ("tidar", None)):
+            grid.append(dict(sampler=s, block_size=Kmax, levels=lv, acceptance="greedy", batch=b))
+    return grid
+
+
+def label(cfg: dict) -> str:
+    K, s = cfg["block_size"], cfg["sampler"]
+    if s == "two_forward":
+        return f"TF K={K}"
+    if s == "tidar":
+        return f"TiDAR b={K}"
+    if s == "single_forward":
+        lv = cfg.get("levels")
+        return f"SF K={K} dense" if lv is None else f"SF K={K} L={','.join(map(str, lv))}"
+    return s
+
+
+def layout_name(cfg: dict) -> str:
+    s = cfg["sampler"]
+    if s == "single_forward":
+        return "SF dense" if cfg.get("levels") is None else "SF sparse"
+    return {"two_forward": "TF", "tidar": "TiDAR"}.get(s, s)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model and prompts.
+
+def load_model(model_path: str | None = None, preset: str = "tiny", dtype: str | None = None, seed: int = 0):
+    """(model, description). A folder is loaded with zaya.load; otherwise random weights of ``preset``."""
+    if model_path:
+        import zaya
+        if not os.path.isdir(model_path):
+            raise FileNotFoundError(f"{model_path}: not a checkpoint folder")
+        m = zaya.load(model_path, dtype=dtype or common.bench_dtype())
+        return m, f"checkpoint {model_path} ({common.config_summary(m.config)})"
+    m = common.random_model(preset, dtype, seed=seed, std=0.3)
+    return m, (f"RANDOM weights, preset {preset} ({common.config_summary(m.config)}); acceptance is meaningless "
+               "for random weights, only the cost side (forwards, query tokens, time per step) is informative")
+
+
+def make_prompts(cfg, n: int, source: str = "auto", seed: int = 0, length: int = 32) -> tuple[list[list[int]], str]:
+    """n prompts: 'tasks' (byte-encoded generated tasks, BOS first), 'random' ids, or 'auto' (tasks iff vocab 261)."""
+    if source == "auto":
+        source = "tasks" if cfg.vocab_size == BYTE_VOCAB else "random"
+    if source == "tasks":
+        from zaya.data import tasks
+        from zaya.data.tokenizer import ByteTokenizer
+        tok = ByteTokenizer()
+        items = tasks.generate(n, seed=seed)
+        return [[tok.bos_id] + tok.encode(t["prompt"]) for t in items], f"{n} generated tasks (seed {seed}), bytes"
+    rng = np.random.default_rng(seed)
+    hi = min(cfg.vocab_size, 1 << 30)
+    return ([[cfg.bos_token_id] + rng.integers(5, hi, length - 1).tolist() for _ in range(n)],
+            f"{n} random-id prompts of {length} tokens (seed {seed})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One configuration against AR.
+
+def _opts(cfg: dict) -> dict:
+    o = dict(block_size=cfg["block_size"], acceptance=cfg.get("acceptance", "greedy"))
+    if cfg.get("levels") is not None:
+        o["levels"] = tuple(cfg["levels"])
+    if cfg.get("mix_weight") is not None:
+        o["mix_weight"] = cfg["mix_weight"]
+    return o
+
+
+def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, temperature: float = 0.0,
+            ar_cache: dict | None = None) -> dict:
+    """Run ``cfg`` and AR interleaved ``repeats`` times (after one warm-up each); stats and medians."""
+    import zaya
+    gen = lambda sampler, **o: zaya.generate(model, prompts, sampler=sampler, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, **o)
+    key = (len(prompts), max_new_tokens, temperature)
+    ar_cache = {} if ar_cache is None else ar_cache
+    if key not in ar_cache:
+        ar_cache[key] = gen("ar")  # warm-up/compile and the reference tokens
+    ar_ref = ar_cache[key]
+    res = gen(cfg["sampler"], **_opts(cfg))  # warm-up/compile
+    ar_s, ar_pre, s_s, s_pre = [], [], [], []
+    for _ in range(repeats):
+        a = gen("ar").stats
+        r = gen(cfg["sampler"], **_opts(cfg))
+        ar_s.append(a["seconds"])
+        ar_pre.append(a["prefill_seconds"])
+        s_s.append(r.stats["seconds"])
+        s_pre.append(r.stats["prefill_seconds"])
+    st = res.stats
+    B = len(prompts)
+    equal_rows = [a == b for a, b in zip(ar_ref.tokens, res.tokens)]
+    sec, ar_sec = statistics.median(s_s), statistics.median(ar_s)
+    e2e, ar_e2e = statistics.median(np.add(s_s, s_pre)), statistics.median(np.add(ar_s, ar_pre))
+    return {
+        "config": label(cfg), "layout": layout_name(cfg), "sampler": cfg["sampler"], "block_size": cfg["block_size"],
+        "levels": None if cfg.get("levels") is None else ",".join(map(str, cfg["levels"])),
+        "acceptance": cfg.get("acceptance", "greedy") + ("" if cfg.get("mix_weight") is None
+                                                         else f"+mix{cfg['mix_weight']}"),
+        "batch": B, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "tokens": st["tokens"], "forwards": st["forwards"], "steps": st["steps"],
+        "tokens_per_forward": st["tokens_per_forward"], "tokens_per_step": st.get("tokens_per_step"),
+        "tokens_per_step_hist": st.get("tokens_per_step_hist"),
+        "acceptance_per_position": st.get("acceptance_per_position"),
+        "useful_slot_fraction": st.get("useful_slot_fraction"),
+        "query_tokens_per_step": st.get("query_tokens_per_step"),
+        "seconds": sec, "ar_seconds": ar_sec, "ms_per_step": 1e3 * sec / max(st["steps"], 1),
+        "ar_ms_per_step": 1e3 * ar_sec / max(ar_ref.stats["steps"], 1),
+        "tokens_per_s": st["tokens"] / sec, "ar_tokens_per_s": ar_ref.stats["tokens"] / ar_sec,
+        "speedup": ar_sec / sec, "speedup_e2e": ar_e2e / e2e,
+        "equal_ar": all(equal_rows), "rows_equal_ar": float(np.mean(equal_rows)),
+        "seconds_all": s_s, "ar_seconds_all": ar_s, "repeats": repeats,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sweep.
+
+COLUMNS = ["config", "acceptance", "batch", ("tokens_per_forward", "tok/fwd", ".2f"),
+           ("tokens_per_step", "tok/step", ".2f"), ("useful_slot_fraction", "useful slots", ".3f"),
+           ("query_tokens_per_step", "query tok/step/row"), ("ms_per_step", "ms/step", ".2f"),
+           ("ar_ms_per_step", "AR ms/step", ".2f"), ("speedup", "speedup (decode)", ".2f"),
+           ("speedup_e2e", "speedup (+prefill)", ".2f"), ("equal_ar", "= AR")]
+
+
+def run(model_path: str | None = None, out: str | None = None, quick: bool = False, grid: list[dict] | None = None,
+        block_sizes=None, batches=None, acceptances=None, prompts: str = "auto", max_new_tokens: int | None = None,
+        repeats: int | None = None, preset: str = "tiny", dtype: str | None = None, seed: int = 0,
+        temperature: float = 0.0, compile_cache: bool | str = True, prompt_len: int = 32) -> list[dict]:
+    """Run the sweep; print the table, write samplers.md/.csv/.json and figures into ``out``; return the rows."""
+    if compile_cache:
+        common.enable_compile_cache(None if compile_cache is True else compile_cache)
+    grid = grid or default_grid(quick, block_sizes, batches, acceptances)
+    max_new_tokens = max_new_tokens or (12 if quick else 64)
+    repeats = repeats or (1 if quick else 3)
+    m = common.machine()
+    model, model_desc = load_model(model_path, preset, dtype, seed)
+    n = max(c["batch"] for c in grid)
+    all_prompts, prompt_desc = make_prompts(model.config, n, prompts, seed, prompt_len)
+    rows, ar_cache = [], {}
+    for i, cfg in enumerate(grid):
+        print(f"[bench samplers] {i + 1}/{len(grid)} {label(cfg)} {cfg.get('acceptance', 'greedy')} "
+              f"batch {cfg['batch']}", flush=True)
+        rows.append(compare(model, all_prompts[: cfg["batch"]], cfg, max_new_tokens, repeats, temperature, ar_cache))
+    md = markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature)
+    print(md, flush=True)
+    if out:
+        meta = {"machine": m, "model": model_desc, "prompts": prompt_desc, "max_new_tokens": max_new_tokens,
+                "repeats": repeats, "temperature": temperature}
+        common.write_outputs(out, "samplers", md, {**meta, "rows": rows},
+                             {"": [{k: v for k, v in r.items() if not k.endswith("_all")} for r in rows]})
+        plot(rows, out)
+    return rows
+
+
+def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature) -> str:
+    acc_rows = [dict(config=r["config"], acceptance=r["acceptance"], batch=r["batch"],
+                     per_position=" ".join(f"{p:.2f}" for p in (r["acceptance_per_position"] or [])),
+                     hist=" ".join(map(str, r["tokens_per_step_hist"] or []))) for r in rows]
+    return "\n".join([
+        "## Block samplers vs AR (side by side, same model, prompts and batch)", "",
+        common.machine_markdown(m),
+        f"- model: {model_desc}", f"- prompts: {prompt_desc}",
+        f"- {max_new_tokens} new tokens per row, temperature {temperature}, no EOS stop; medians of {repeats} "
+        "interleaved runs (AR, config) after a warm-up; compile excluded", "",
+        common.md_table(rows, COLUMNS), "",
+        "tok/fwd: committed tokens per forward per row (init forwards included); tok/step: per sampler step "
+        "(TF = 2 forwards); useful slots: committed tokens / query tokens computed; speedup (decode): AR decode-loop "
+        "seconds / config decode-loop seconds; (+prefill) adds the prefill and the samplers' initial drafting "
+        "forward; = AR: every row's tokens equal AR's (greedy lossless check).", "",
+        common.md_table(acc_rows, ["config", "acceptance", "batch", ("per_position", "acceptance per draft position"),
+                                   ("hist", "tokens/step histogram (0,1,2,..)")],
+                        "acceptance per position and tokens-per-step histograms"),
+    ])
+
+
+def plot(rows, out):
+    plt = common.pyplot()
+    if plt is None or not rows:
+        return
+    # 1. acceptance per position (and tokens/step histogram) for the configs at the largest block size.
+    Kmax = max(r["block_size"] for r in rows)
+    sel = [r for r in rows if r["block_size"] == Kmax and r["acceptance_per_position"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in sel:
+        name = f"{r['config']} {r['acceptance']} B={r['batch']}"
+        a1.plot(range(1, len(r["acceptance_per_position"]) + 1), r["acceptance_per_position"], "o-", ms=3, label=name)
+        h = np.asarray(r["tokens_per_step_hist"], float)
+        a2.plot(range(len(h)), h / max(h.sum(), 1), "o-", ms=3, label=name)
+    a1.set_xlabel("draft position k")
+    a1.set_ylabel("P(accept k | first k-1 accepted)")
+    a1.set_ylim(-0.02, 1.02)
+    a1.set_title(f"acceptance per position (K={Kmax})")
+    a2.set_xlabel("tokens committed per step")
+    a2.set_ylabel("fraction of steps")
+    a2.set_title("tokens per step")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "samplers_acceptance.png"), dpi=120)
+    plt.close(fig)
+    # 2. speedup against block size (batch = smallest, greedy) and 3. against batch (largest K, greedy).
+    b0 = min(r["batch"] for r in rows)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for lay in dict.fromkeys(r["layout"] for r in rows):
+        rr = sorted((r for r in rows if r["layout"] == lay and r["batch"] == b0 and r["acceptance"] == "greedy"),
+                    key=lambda r: r["block_size"])
+        if rr:
+            a1.plot([r["block_size"] for r in rr], [r["speedup"] for r in rr], "o-", label=lay)
+        rr = sorted((r for r in rows if r["layout"] == lay and r["block_size"] == Kmax and r["acceptance"] == "greedy"),
+                    key=lambda r: r["batch"])
+        if rr:
+            a2.plot([r["batch"] for r in rr], [r["speedup"] for r in rr], "o-", label=lay)
+    for a, xl, t in ((a1, "block size K", f"speedup vs block size (batch {b0}, greedy)"),
+                     (a2, "batch", f"speedup vs batch (K={Kmax}, greedy)")):
+        a.axhline(1.0, color="k", lw=0.8, ls=":")
+        a.set_xscale("log", base=2)
+        a.set_xlabel(xl)
+        a.set_ylabel("wall-clock speedup over AR")
+        a.set_title(t)
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "samplers_speedup.png"), dpi=120)
+    plt.close(fig)
