@@ -11,7 +11,8 @@ from zaya.config import preset
 from zaya.model import attention as attn_lib
 from zaya.model import layout as layout_lib
 from zaya.model.transformer import Impl, apply
-from zaya.tidar.objective import TidarOptions, ar_eval, build, loss_fn, position_weights, token_ce
+from zaya.tidar.objective import (TidarOptions, ar_eval, build, diffusion_metrics, loss_fn, position_weights,
+                                  token_ce)
 
 S = 16
 CASES = {  # one compiled loss per case, shared by the tests below
@@ -95,8 +96,8 @@ def reference(name):
         z = np.zeros_like(pos)
         lay = layout_lib.Layout(pos=jnp.asarray(pos), seg=jnp.asarray(z), blk=jnp.asarray(z), ctx=jnp.asarray(z),
                                 prev=jnp.asarray(_prev_from_dense(mask, pos)))
-        logits = np.asarray(jax.jit(lambda p, t, l: apply(p, c, t, l, impl=Impl(attention=name_, moe="dense"))[0])(p, tok, lay),
-                            np.float64)
+        impl = Impl(attention=name_, moe="dense")
+        logits = np.asarray(jax.jit(lambda p, t, l: apply(p, c, t, l, impl=impl)[0])(p, tok, lay), np.float64)
     finally:
         del attn_lib.IMPLS[name_]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
@@ -264,6 +265,26 @@ def test_ar_eval_is_the_clean_half_loss(model):
     np.testing.assert_allclose(float(loss), float(_loss(p, c, batch, CASES["B"], RNG, Impl())[1]["ar_loss"]), rtol=2e-5)
     assert set(m) >= {"loss", "ar_acc", "n_ar_tokens"} and "diff_loss" not in m
     assert build(batch["tokens"], batch["doc_ids"], None, TidarOptions(mode="ar"), 4)["inputs"].shape == (2, S)
+
+
+def test_diffusion_metrics_on_synthetic_predictions():
+    """Accuracy per in-block position and first-slot agreement (diffusion first slot at kb vs AR argmax at kb-1)."""
+    opts = TidarOptions(block_size=4)
+    doc = jnp.array([[0] * 6 + [1] * 10])
+    x = jnp.arange(16, dtype=jnp.int32)[None] + 100
+    bt = _build(x, doc, None, opts, 4, None)
+    ar_pred = jax.random.randint(jax.random.PRNGKey(0), (1, 16), 0, 50)
+    k = np.asarray(bt["diff_block_pos"])[0]  # 0 1 2 3 0 1 | 0 1 2 3 0 1 2 3 0 1
+    pred = np.where(k == 1, np.asarray(x)[0], -1)  # only in-block position 1 is right
+    first = np.array([4, 10, 14])  # block-first slots with a previous token in their document (not 0, not 6)
+    pred[first] = np.asarray(ar_pred)[0, first - 1]
+    m = diffusion_metrics(bt, opts, jnp.zeros((1, 16)), jnp.asarray(pred)[None], ar_pred)
+    np.testing.assert_allclose(np.asarray(m["diff_acc_per_pos"]), [0, 1, 0, 0])
+    np.testing.assert_allclose(np.asarray(m["diff_count_per_pos"]), [5, 5, 3, 3])
+    np.testing.assert_allclose(float(m["first_slot_agree"]), 1.0)
+    pred[first[0]] = -1
+    m = diffusion_metrics(bt, opts, jnp.zeros((1, 16)), jnp.asarray(pred)[None], ar_pred)
+    np.testing.assert_allclose(float(m["first_slot_agree"]), 2 / 3, rtol=1e-6)
 
 
 def test_chunked_ce_equals_full(model):

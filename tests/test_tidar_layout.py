@@ -128,7 +128,8 @@ def test_builders_trace_under_jit():
         a, b = f(doc), jax.jit(f)(doc)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    np.testing.assert_array_equal(layout_lib.dense_mask(tl.clean(DOCS[1])), layout_lib.dense_mask(layout_lib.packed(DOCS[1])))
+    np.testing.assert_array_equal(layout_lib.dense_mask(tl.clean(DOCS[1])),
+                                  layout_lib.dense_mask(layout_lib.packed(DOCS[1])))
 
 
 def test_anchored_needs_whole_blocks_and_draft_anchored_is_one_block():
@@ -138,7 +139,8 @@ def test_anchored_needs_whole_blocks_and_draft_anchored_is_one_block():
     assert lay.shape == (2, 5)
     np.testing.assert_array_equal(np.asarray(lay.pos), [[5, 6, 7, 8, 9], [9, 10, 11, 12, 13]])
     np.testing.assert_array_equal(np.asarray(lay.ctx), [[4] * 5, [8] * 5])
-    np.testing.assert_array_equal(np.asarray(lay.prev[0, :2]), [[layout_lib.PREV_CACHE] * 2, [0, layout_lib.PREV_CACHE]])
+    cache = layout_lib.PREV_CACHE
+    np.testing.assert_array_equal(np.asarray(lay.prev[0, :2]), [[cache, cache], [0, cache]])
 
 
 # ---------------------------------------------------------------------------------------------------------------

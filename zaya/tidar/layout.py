@@ -83,8 +83,9 @@ def anchor_sources(doc_ids, block: int):
     """[B, S // block]: the clean index whose token fills chunk g's anchor slot, or -1 (no anchor in the chunk).
 
     Chunk g holds the masks of indices g*b .. g*b+b-1. A document block starting at index s with in-document
-    position pos_s >= b (so pos_s - 1 >= 0... and a real previous token exists) has its anchor x_{s-1} in the chunk
-    that contains s. Such a start is unique per chunk: two would lie in one document less than b apart.
+    position pos_s >= b (not the document's first block, so x_{s-1} is in the same document) has its anchor
+    x_{s-1} in the chunk that contains s. Such a start is unique per chunk: two would lie in one document less
+    than b apart, yet both at positions that are multiples of b.
     """
     doc, i, _, pos = _docs(doc_ids)
     B, S = doc.shape

@@ -14,8 +14,10 @@ Blocks restart at each document (``zaya.tidar.layout``), so a packed document tr
 comes from the ``Layout`` ids (O(T) per row), never a dense [T, T] array. ``mode="ar"`` forwards only the clean
 sequence with the AR loss (pretraining / the AR baseline); ``ar_eval`` is that loss for any model.
 
-Batches: {'tokens' int32 [B, S], 'doc_ids' int32 [B, S] (-1 = padding), 'loss_mask' float32 [B, S] (optional;
-loss_mask[t] == 0 marks prompt tokens, used with ``prompt_masking``)}.
+Batches: {'tokens' int32 [B, S], 'doc_ids' int32 [B, S] (-1 = padding; each document one contiguous run with its
+own id, as ``zaya.data.packing`` makes them), 'loss_mask' float32 [B, S] (optional)}. Valid labels come from
+doc_ids; with ``prompt_masking`` a token with loss_mask 0 is also no label of either loss (AR: as x_{i+1}, the
+target of clean token i; diffusion: as x_i). Without it loss_mask is ignored.
 """
 from __future__ import annotations
 
@@ -142,11 +144,12 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
     else:
         layout = tl.training(doc, b, opts.block_causal, doc_aligned=True)
         index = S + np.arange(S)
-    block_pos = layout.pos[:, :S] % b
+    block_pos = layout.pos[:, :S] % b  # blocks restart at document starts
     diff_valid = (resp & masked).astype(jnp.float32)
+    diff_weights = diff_valid * jnp.asarray(position_weights(opts))[block_pos]
     return dict(out, inputs=jnp.concatenate([x, half], 1), layout=layout, diff_index=jnp.asarray(index, jnp.int32),
-                diff_labels=x, diff_valid=diff_valid, diff_weights=diff_valid * jnp.asarray(position_weights(opts))[
-                    block_pos], diff_block_pos=block_pos, masked=masked)
+                diff_labels=x, diff_valid=diff_valid, diff_weights=diff_weights, diff_block_pos=block_pos,
+                masked=masked)
 
 
 def token_ce(params, h_BTD, labels_BT, chunk: int = 0):
@@ -169,6 +172,25 @@ def token_ce(params, h_BTD, labels_BT, chunk: int = 0):
 
 def _mean(x, w):
     return (x * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def diffusion_metrics(bt: dict, opts: TidarOptions, ce_BS, pred_BS, ar_pred_BS) -> dict:
+    """Diffusion loss and metrics from the per-token CE / argmax of the diffusion tokens ([B, S], clean index
+    order) and the AR argmax at the clean tokens ([B, S]); ``bt`` is ``build``'s output."""
+    v, w, y = bt["diff_valid"], bt["diff_weights"], bt["diff_labels"]
+    B, S = y.shape
+    hit = (pred_BS == y).astype(jnp.float32)
+    onehot = jax.nn.one_hot(bt["diff_block_pos"], opts.block_size, dtype=jnp.float32) * v[..., None]  # [B, S, b]
+    per_pos_n = onehot.sum((0, 1))
+    # the first slot of a block at position kb > 0 and the AR logit at kb - 1 both predict x_kb from x_<kb
+    first = v * (bt["diff_block_pos"] == 0) * (bt["layout"].pos[:, :S] > 0)
+    ar_prev = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), ar_pred_BS[:, :-1]], 1)
+    valid_clean = (bt["layout"].seg[:, :S] >= 0).astype(jnp.float32)
+    return dict(diff_loss=(ce_BS * w).sum() / jnp.maximum(v.sum(), 1.0), diff_acc=_mean(hit, v),
+                n_diff_tokens=v.sum(), diff_count_per_pos=per_pos_n,
+                diff_acc_per_pos=(onehot * hit[..., None]).sum((0, 1)) / jnp.maximum(per_pos_n, 1.0),
+                first_slot_agree=_mean((pred_BS == ar_prev).astype(jnp.float32), first),
+                mask_fraction=_mean(bt["masked"].astype(jnp.float32), valid_clean))
 
 
 def loss_fn(params, config, batch: dict, opts: TidarOptions = TidarOptions(), rng=None, impl: Impl = Impl()):
@@ -199,20 +221,9 @@ def loss_fn(params, config, batch: dict, opts: TidarOptions = TidarOptions(), rn
 
     h_diff = h[:, S:] if not opts.anchor else jnp.take(h, bt["diff_index"], axis=1)
     ce_d, pred_d = token_ce(params, h_diff, bt["diff_labels"], opts.ce_chunk)
-    v, w = bt["diff_valid"], bt["diff_weights"]
-    diff_loss = (ce_d * w).sum() / jnp.maximum(v.sum(), 1.0)
-    loss = (opts.alpha * ar_loss + diff_loss) / (1.0 + opts.alpha)
-    hit = (pred_d == bt["diff_labels"]).astype(jnp.float32)
-    onehot = jax.nn.one_hot(bt["diff_block_pos"], opts.block_size, dtype=jnp.float32) * v[..., None]  # [B, S, b]
-    per_pos_n = onehot.sum((0, 1))
-    # the first slot of a block at position kb > 0 and the AR logit at kb - 1 both predict x_kb from x_<kb
-    first = v * (bt["diff_block_pos"] == 0) * (bt["layout"].pos[:, :S] > 0)
-    ar_prev = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), pred_ar[:, :-1]], 1)
-    valid_clean = (bt["layout"].seg[:, :S] >= 0).astype(jnp.float32)
-    m.update(loss=loss, diff_loss=diff_loss, diff_acc=_mean(hit, v), n_diff_tokens=v.sum(),
-             diff_acc_per_pos=(onehot * hit[..., None]).sum((0, 1)) / jnp.maximum(per_pos_n, 1.0),
-             diff_count_per_pos=per_pos_n, first_slot_agree=_mean((pred_d == ar_prev).astype(jnp.float32), first),
-             mask_fraction=_mean(bt["masked"].astype(jnp.float32), valid_clean))
+    dm = diffusion_metrics(bt, opts, ce_d, pred_d, pred_ar)
+    loss = (opts.alpha * ar_loss + dm["diff_loss"]) / (1.0 + opts.alpha)
+    m.update(dm, loss=loss)
     return loss, m
 
 
