@@ -1,0 +1,31 @@
+"""(d) Diffusion SFT on prompt/response data (the generated task set): prompts are masked out of both the AR and the
+diffusion loss (the data's loss_mask and the objective's prompt masking).
+
+  zaya train --config experiments/diffusion_sft.py:tiny --config.init_from=runs/c/model --workdir runs/d
+  full: SFT on prompt/response JSONL at 128k after context extension (budget ours: 20B tokens)
+"""
+from zaya.train import recipe
+
+
+def get_config(arg: str = "tiny"):
+    if arg == "tiny":
+        c = recipe.tiny_base(seq_len=64, rope_theta=1e5)    # theta as set by (c)
+        c.num_steps = 200
+        c.tidar.block_size = 4
+        c.data.update(source="tasks", sft=True, tasks_fraction=0.0, num_tasks=20000)
+        c.optim.update(lr=1e-3, warmup_steps=10)
+    elif arg == "full":
+        c = recipe.full_base(seq_len=131072, rope_theta=5e6, max_pos=131072)
+        c.num_steps = recipe.steps_for(20e9, c.seq_len, c.batch_size)
+        c.tidar.block_size = 16
+        c.init_from = "/runs/context_extend_full/model"
+        c.data.update(source="jsonl:/data/sft/*.jsonl", sft=True)
+        with c.data.ignore_type():
+            c.data.jsonl_fields = ("prompt", "response")
+        c.optim.update(lr=2e-5, warmup_steps=100, schedule="cosine")
+        c.notes = "ZAYA1-8B-Diffusion-Preview phase 3: diffusion SFT (budget not published; ours)"
+    else:
+        raise ValueError(f"diffusion_sft: unknown variant {arg!r}; use tiny or full")
+    c.tidar.update(mode="tidar", alpha=1.0, prompt_masking=True)
+    c.require_init = True
+    return c

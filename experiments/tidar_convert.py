@@ -1,0 +1,26 @@
+"""(b) TiDAR diffusion conversion of the AR model: dual loss (AR on the clean half, one-step block diffusion on the
+mask half), full masking, from (a)'s checkpoint.
+
+  zaya train --config experiments/tidar_convert.py:tiny --config.init_from=runs/a/model --workdir runs/b
+  full: ZAYA1-base -> 600B tokens at 32k context, block 16 (the published recipe)
+"""
+from zaya.train import recipe
+
+
+def get_config(arg: str = "tiny"):
+    if arg == "tiny":
+        c = recipe.tiny_base(seq_len=64)
+        c.num_steps = 400
+        c.tidar.block_size = 4
+        c.optim.update(lr=2e-3, warmup_steps=20)
+    elif arg == "full":
+        c = recipe.full_base(seq_len=32768)
+        c.init_from = recipe.FULL_BASE
+        c.num_steps = recipe.steps_for(600e9, c.seq_len, c.batch_size)
+        c.tidar.block_size = 16
+        c.notes = "ZAYA1-8B-Diffusion-Preview phase 1: 600B tokens of TiDAR conversion at 32k"
+    else:
+        raise ValueError(f"tidar_convert: unknown variant {arg!r}; use tiny or full")
+    c.tidar.update(mode="tidar", alpha=1.0)
+    c.require_init = True
+    return c

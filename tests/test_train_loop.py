@@ -1,0 +1,161 @@
+"""End to end: a tiny AR pretraining run learns, writes its logs/plots/model; TiDAR conversion from that model
+resumes after ``kill -9`` with exactly the uninterrupted loss trajectory; evaluation and the ablation runner."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from zaya.train import configs
+from zaya.train.logs import read_jsonl
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+EXP = os.path.join(ROOT, "experiments")
+# small and quick to compile (XLA opt level 0); the trajectory checks do not depend on the XLA options
+QUIET = ["log.progress=false", "data.tasks_fraction=0.0", "data.num_threads=1", "model.num_layers=1",
+         "impl.fast_compile=true"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """(a) in-process: 30 AR steps of the tiny MoE on Shakespeare; its WORKDIR/model feeds the later phases."""
+    from zaya.train.loop import train
+    wd = str(tmp_path_factory.mktemp("pretrain"))
+    cfg = configs.load(os.path.join(EXP, "pretrain_ar.py:tiny"),
+                       ["num_steps=30", "optim.warmup_steps=3", "checkpoint.every_steps=15", "eval.every_steps=15",
+                        "eval.num_batches=1", *QUIET])
+    return wd, train(cfg, wd)
+
+
+def test_tiny_pretraining_learns_and_writes_outputs(pretrained):
+    wd, summary = pretrained
+    rows = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    losses = np.array([r["loss"] for r in rows])
+    assert losses[0] > np.log(200)                       # starts near uniform over the byte vocab
+    assert losses[-5:].mean() < losses[0] - 1.0           # and learns
+    assert summary["eval"]["ar_loss"] < losses[0] - 1.0   # held-out too
+    assert len(read_jsonl(os.path.join(wd, "eval.jsonl"))) == 2  # step 15 and the end
+    assert summary["tokens_per_s"] > 0 and summary["steps"] == 30
+    for key in ("expert_counts", "skip_rate", "grad_norm", "lr"):
+        assert key in rows[-1]
+    assert np.asarray(rows[-1]["expert_counts"]).shape == (1, 5)   # [layers, experts + skip]
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["15", "30"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
+    assert os.path.exists(os.path.join(wd, "plots", "loss.png"))
+    assert os.path.exists(os.path.join(wd, "plots", "expert_usage.png"))
+
+
+def test_rerun_of_a_finished_workdir_resumes_without_training(pretrained):
+    from zaya.train.loop import train
+    wd, first = pretrained
+    cfg = configs.load(os.path.join(EXP, "pretrain_ar.py:tiny"),
+                       ["num_steps=30", "optim.warmup_steps=3", "checkpoint.every_steps=15", "eval.every_steps=15",
+                        "eval.num_batches=1", "log.plots=false", *QUIET])
+    again = train(cfg, wd)
+    assert again["resumed_from"] == 30 and again["steps"] == 30
+    assert again["eval"]["ar_loss"] == pytest.approx(first["eval"]["ar_loss"], rel=1e-6)
+    assert [r["step"] for r in read_jsonl(os.path.join(wd, "metrics.jsonl"))] == list(range(1, 31))
+
+
+def test_exported_model_loads_and_exports(pretrained, tmp_path):
+    import zaya
+    from zaya.convert.cli import export
+    wd, _ = pretrained
+    m = zaya.load(os.path.join(wd, "model"))
+    assert m.config.vocab_size == 264 and m.config.num_layers == 1
+    logits = m.logits(np.array([[2, 40, 41, 42]]))
+    assert logits.shape == (1, 4, 264) and np.isfinite(logits).all()
+    export(os.path.join(wd, "model"), str(tmp_path / "hf"))
+    assert os.path.exists(tmp_path / "hf" / "config.json")
+
+
+def _train_cli(workdir, spec, overrides, cache, kill_after=None):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
+    env.pop("ZAYA_TEST_KILL_AFTER_STEP", None)
+    if kill_after:
+        env["ZAYA_TEST_KILL_AFTER_STEP"] = str(kill_after)
+    cmd = [sys.executable, "-m", "zaya.cli", "train", "--config", spec, "--workdir", workdir,
+           *[f"--config.{o}" for o in overrides]]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_kill9_resume_reproduces_losses_from_converted_checkpoint(pretrained, tmp_path):
+    """(b) TiDAR conversion started from (a)'s model folder (as from a `zaya convert` output): a run killed with
+    SIGKILL right after its step-4 checkpoint and resumed gives the same per-step losses as an uninterrupted one."""
+    import zaya
+    wd_a, _ = pretrained
+    spec = os.path.join(EXP, "tidar_convert.py:tiny")
+    ov = [f"init_from={wd_a}/model", "num_steps=6", "checkpoint.every_steps=2", "optim.warmup_steps=1",
+          "eval.num_batches=0", "log.plots=false", *QUIET]
+    cache = str(tmp_path / "jax_cache")
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    r = _train_cli(full, spec, ov, cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _train_cli(killed, spec, ov, cache, kill_after=4)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
+    assert [x["step"] for x in read_jsonl(os.path.join(killed, "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert not os.path.exists(os.path.join(killed, "model"))
+    r = _train_cli(killed, spec, ov, cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(killed, "summary.json")) as f:
+        assert json.load(f)["resumed_from"] == 4
+    a, b = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(killed, "metrics.jsonl"))
+    assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "ar_loss", "diff_loss", "grad_norm"):
+        np.testing.assert_allclose([x[key] for x in b], [x[key] for x in a], rtol=1e-6, atol=0, err_msg=key)
+    assert a[0]["diff_loss"] > a[0]["ar_loss"]  # the diffusion half starts untrained, the AR half does not
+    pa, pb = zaya.load(os.path.join(full, "model")).params, zaya.load(os.path.join(killed, "model")).params
+    import jax
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_evaluate_model_against_base(pretrained, tmp_path):
+    from zaya.train import evaluate
+    wd, _ = pretrained
+    data = configs.data_defaults()
+    # the eval shapes of the pretraining run (seq 64, batch 8): the AR eval is already compiled
+    res = evaluate.evaluate(os.path.join(wd, "model"), os.path.join(wd, "model"), data_cfg=data, seq_len=64,
+                            batch_size=8, max_batches=1, tidar={"block_size": 4}, num_tasks=3, max_new_tokens=4)
+    assert res["delta"]["ar_loss"] == pytest.approx(0.0, abs=1e-6)   # a model equals itself
+    assert len(res["model"]["diff_acc_per_pos"]) == 4
+    assert 0.0 <= res["model"]["task_em"] <= 1.0 and len(res["model"]["examples"]) == 3
+    assert res["model"]["ar_loss"] < np.log(264)
+    md = evaluate.to_markdown(res)
+    assert "AR val loss" in md and "per block position" in md
+
+
+def test_ablation_runner_writes_table_and_plots(tmp_path):
+    from zaya.train import ablate
+    seen = []
+
+    def fake_train(cfg, workdir):
+        os.makedirs(workdir, exist_ok=True)
+        seen.append((cfg.tidar.alpha, cfg.tidar.block_size, cfg.num_steps))
+        loss = 3.0 + cfg.tidar.alpha / cfg.tidar.block_size
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            for s in (1, 2):
+                f.write(json.dumps({"step": s, "loss": loss / s, "diff_loss": loss}) + "\n")
+        return {"final": {"loss": loss / 2, "diff_loss": loss, "skip_rate_mean": 0.1}, "tokens_per_s": 1.0,
+                "eval": {"diff_acc_per_pos": [0.5, 0.25]}}
+
+    sets = ablate.grid(["tidar.alpha=0.5,1,2", "tidar.block_size=4,8"])
+    assert len(sets) == 6
+    rows = ablate.ablate(os.path.join(EXP, "tidar_convert.py:tiny"), str(tmp_path), sets,
+                         common=[("init_from", "/x"), ("num_steps", "7")], train_fn=fake_train)
+    assert len(rows) == 6 and sorted(seen) == sorted((a, b, 7) for a in (0.5, 1.0, 2.0) for b in (4, 8))
+    md = (tmp_path / "ablation.md").read_text()
+    assert "alpha" in md and "block_size" in md and md.count("\n") == 8
+    assert (tmp_path / "ablation.csv").read_text().startswith("run,")
+    assert (tmp_path / "ablation_loss.png").exists()
+    assert rows[0]["eval_diff_acc_pos0"] == 0.5
+    with pytest.raises(configs.ConfigOverrideError, match="Did you mean tidar.alpha"):
+        ablate.ablate(os.path.join(EXP, "tidar_convert.py:tiny"), str(tmp_path / "bad"),
+                      ablate.grid(["tidar.alpah=1,2"]), common=[("init_from", "/x")], train_fn=fake_train)
+    assert ablate.parse_run("tidar.alpha=1 --config.num_steps=3") == [("tidar.alpha", "1"), ("num_steps", "3")]
+    assert ablate._split_values("(1,2),(3,4)") == ["(1,2)", "(3,4)"]

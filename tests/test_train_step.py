@@ -1,0 +1,99 @@
+"""The jitted train step: grad accumulation equals one step on the concatenated batch; a data x fsdp sharded step
+equals the single-device one; bf16 compute keeps fp32 master weights."""
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from zaya.config import ZayaConfig
+from zaya.model.params import init
+from zaya.tidar.objective import TidarOptions
+from zaya.train import optim
+from zaya.train import state as st
+from zaya.train.recipe import TINY_MODEL
+from zaya.train.step import jit_options, make_train_step, put_batch
+
+CFG = ZayaConfig(**{**TINY_MODEL, "num_layers": 1})
+OPTS = TidarOptions(block_size=4, mode="tidar")
+O = mlc.ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", min_lr_ratio=0.1, decay_fraction=0.2,
+                        decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+                        decay_embeddings=False))
+
+
+def _batch(B=4, S=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"tokens": rng.integers(5, 261, (B, S)).astype(np.int32), "doc_ids": np.zeros((B, S), np.int32),
+            "loss_mask": np.ones((B, S), np.float32)}
+
+
+def _state(cfg=CFG):
+    params = jax.jit(lambda k: init(cfg.replace(dtype="float32"), k), **jit_options(True))(jax.random.key(0, impl="rbg"))
+    tx, sched = optim.make_optimizer(O, 10, params)
+    return st.create(params, tx, 0), tx, sched
+
+
+def _close(a, b, **kw):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One single-device step (accum 1) on the 4-row batch, shared by the accumulation and sharding tests."""
+    s0, tx, sched = _state()
+    batch = _batch()
+    step = make_train_step(CFG, OPTS, tx, sched, accum=1, donate=False, fast_compile=True)
+    s1, m = step(s0, jax.tree.map(jnp.asarray, batch))
+    return s0, tx, sched, batch, s1, m
+
+
+def test_grad_accumulation_equals_full_batch_step(reference):
+    s0, tx, sched, batch, a, ma = reference
+    step = make_train_step(CFG, OPTS, tx, sched, accum=2, donate=False, fast_compile=True)
+    b, mb = step(s0, jax.tree.map(jnp.asarray, batch))
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6)
+    assert float(ma["grad_norm"]) == pytest.approx(float(mb["grad_norm"]), rel=1e-5)
+    # Adam divides by sqrt(v): a float-rounding difference in a tiny grad can move a weight by ~1e-6 of lr=1e-2
+    _close(a.params, b.params, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(ma["diff_acc_per_pos"], mb["diff_acc_per_pos"], atol=1e-6)
+    np.testing.assert_allclose(ma["ar_loss"], mb["ar_loss"], rtol=1e-6)
+    assert int(a.step) == int(b.step) == 1
+    assert jax.tree.leaves(a.params)[0].dtype == jnp.float32
+    p0 = float(jnp.abs(s0.params["layers"]["q"] - a.params["layers"]["q"]).max())
+    assert p0 > 1e-3  # the step did move the weights (so the comparison above is not vacuous)
+
+
+def test_sharded_step_matches_single_device(reference):
+    from zaya import sharding
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (simulated) devices")
+    s0, tx, sched, batch, ref, mref = reference
+    mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+    sh = st.state_shardings(CFG, tx, mesh)
+    step = make_train_step(CFG, OPTS, tx, sched, mesh=mesh, state_sh=sh, batch_size=4, fast_compile=True)
+    placed = jax.device_put(s0, sh)
+    assert placed.params["layers"]["q"].sharding.spec[1] == "fsdp"  # weights sharded at rest
+    out, m = step(placed, put_batch(batch, mesh, ("data", "fsdp")))
+    assert out.params["layers"]["q"].sharding.spec[1] == "fsdp"
+    assert out.opt_state[1][0].mu["layers"]["q"].sharding.spec[1] == "fsdp"  # Adam moments follow their params
+    assert float(m["loss"]) == pytest.approx(float(mref["loss"]), rel=1e-5)
+    _close(out.params, ref.params, rtol=1e-4, atol=2e-5)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+    """The step's output state stays fp32 with a bf16 model config (shapes/dtypes only: no compile)."""
+    cfg = CFG.replace(dtype="bfloat16")
+    s0 = jax.eval_shape(lambda: _state_abstract())
+    tx, sched = optim.make_optimizer(O, 10, s0.params)
+    step = make_train_step(cfg, OPTS, tx, sched, donate=False)
+    s1, m = jax.eval_shape(step, s0, jax.tree.map(jnp.asarray, _batch(B=2, S=16)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s1.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(s1.opt_state) if x.ndim > 0)
+    assert m["loss"].dtype == jnp.float32
+
+
+def _state_abstract():
+    params = init(CFG.replace(dtype="float32"), jax.random.key(0, impl="rbg"))
+    tx, _ = optim.make_optimizer(O, 10, params)
+    return st.create(params, tx, 0)

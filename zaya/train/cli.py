@@ -1,0 +1,35 @@
+"""``zaya train --config experiments/X.py:variant --workdir DIR [--config.a.b=value ...]``.
+
+Loads the config file, applies the overrides (typed, locked: a typo fails with the closest field names), validates
+it and runs ``zaya.train.loop.train``. Running it again on the same workdir resumes from the latest checkpoint.
+Start-up errors (config, tokenizer/vocab, data, checkpoint mismatch) print one clear line and exit with status 2.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def _startup_errors() -> tuple:
+    from zaya.config import ConfigError
+    from zaya.convert.safetensors_io import CheckpointError
+    from zaya.data.sources import DataError
+    from zaya.data.tokenizer import TokenizerError
+    from zaya.train.checkpoint import CheckpointMismatchError
+    return ConfigError, DataError, TokenizerError, CheckpointMismatchError, CheckpointError, FileNotFoundError
+
+
+def main(args, rest) -> dict:
+    from zaya.train import configs
+    from zaya.train.loop import train
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = configs.load(args.config, configs.parse_cli(list(rest)))
+        summary = train(cfg, args.workdir)
+    except _startup_errors() as e:
+        print(f"zaya train: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    tps = summary.get("tokens_per_s")
+    print(f"done: {summary['steps']} steps, final loss {summary['final'].get('loss', float('nan')):.4f}, "
+          f"{tps or 0:.0f} tokens/s -> {summary['workdir']}")
+    return summary

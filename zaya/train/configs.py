@@ -1,0 +1,260 @@
+"""Experiment configs: ml-collections ``get_config(arg)`` files, ``--config.a.b=value`` overrides, validation.
+
+  load('experiments/X.py:tiny', ['model.num_layers=2', ...]) -> locked ConfigDict
+  base() -> the ConfigDict every experiment starts from (all fields, typed defaults)
+  validate(cfg) -> raises ConfigError naming the field for anything that would fail later
+
+Overrides are parsed by the type of the field they replace (bool: true/false/1/0; int; float; str; tuple/list:
+Python literal), as absl's ``config_flags`` does. The config is locked: an unknown key fails with the closest
+existing names.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import os
+
+import ml_collections as mlc
+
+from zaya.config import ConfigError, ZayaConfig, preset
+
+
+class ConfigOverrideError(ConfigError):
+    """A ``--config.x=y`` override that names no field or does not fit the field's type."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Defaults.
+
+def model_config(name: str, **overrides) -> mlc.ConfigDict:
+    """A ZayaConfig preset as a ConfigDict section (every field present, so overrides are type-checked)."""
+    return mlc.ConfigDict(preset(name, **overrides).to_dict())
+
+
+def data_defaults() -> mlc.ConfigDict:
+    from zaya.data.pipeline import default_config
+    return default_config()
+
+
+def tidar_defaults() -> dict:
+    from zaya.tidar.objective import TidarOptions
+    return dataclasses.asdict(TidarOptions())
+
+
+def base() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.model = model_config("tiny")    # ZayaConfig fields; model.dtype is the compute dtype (master weights are fp32)
+    c.init_from = ""                  # a zaya model folder (`zaya convert` output or WORKDIR/model of another run)
+    c.require_init = False            # phases that continue a previous one refuse to start from random weights
+    c.tokenizer = "bytes"             # 'bytes' or a tokenizer.json path
+    c.data = data_defaults()          # zaya.data.pipeline's config (source, sft, tasks_fraction, val_fraction ...)
+    c.seq_len = 64
+    c.batch_size = 8                  # global batch (rows) per optimizer step
+    c.grad_accum = 1                  # microbatches per step (batch_size / grad_accum rows each)
+    c.num_steps = 100
+    c.seed = 0
+    c.tidar = mlc.ConfigDict(tidar_defaults())
+    c.optim = mlc.ConfigDict(dict(lr=3e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, decay_fraction=0.2,
+                                  decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+                                  decay_embeddings=False, router_balance_rate=1e-3))
+    c.impl = mlc.ConfigDict(dict(attention="reference", moe="ragged", remat=False,
+                                 fast_compile=False))  # fast_compile: XLA opt level 0 (CPU smoke runs, tests)
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0))  # -1: the remaining devices
+    c.checkpoint = mlc.ConfigDict(dict(every_steps=50, keep=3, use_async=True))
+    c.log = mlc.ConfigDict(dict(every_steps=1, progress=True, tensorboard=True, plots=True))
+    c.eval = mlc.ConfigDict(dict(every_steps=0, num_batches=2, batch_size=8))  # every_steps 0: only at the end
+    c.export_model = True             # save the final params as a zaya model folder in WORKDIR/model
+    c.notes = ""                      # free text (the full-size recipe's provenance)
+    return c
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and overrides.
+
+def load_file(spec: str) -> mlc.ConfigDict:
+    """``path.py[:arg]`` -> ``get_config(arg)`` (``get_config()`` when no arg)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (cwd {os.getcwd()}); expected experiments/X.py[:variant]")
+    mod_name = "zaya_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    spec_ = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg) function")
+    cfg = mod.get_config(arg) if arg else mod.get_config()
+    if not isinstance(cfg, mlc.ConfigDict):
+        raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(cfg).__name__}")
+    return cfg
+
+
+def _fields(d: mlc.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, mlc.ConfigDict):
+            out.extend(_fields(v, prefix + k + "."))
+    return out
+
+
+def _parse(text: str, current, key: str):
+    if isinstance(current, bool):
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigOverrideError(f"--config.{key}={text!r}: expected a bool (true/false)")
+    if isinstance(current, str):
+        return text
+    try:
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ConfigOverrideError(f"--config.{key}={text!r}: expected a {type(current).__name__} like "
+                                  f"{current!r}") from None
+    if isinstance(current, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return type(current)(value)
+    return value
+
+
+def override(cfg: mlc.ConfigDict, key: str, text: str):
+    """Set ``cfg.<key>`` from the string ``text``, parsed by the field's current type."""
+    parts = key.split(".")
+    node = cfg
+    for i, p in enumerate(parts):
+        if not isinstance(node, mlc.ConfigDict) or p not in node:
+            known = _fields(cfg)
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigOverrideError(f"--config.{key}: the config has no field {'.'.join(parts[:i + 1])!r}.{hint}")
+        if i < len(parts) - 1:
+            node = node[p]
+    current = node[parts[-1]]
+    if isinstance(current, mlc.ConfigDict):
+        raise ConfigOverrideError(f"--config.{key} is a section; set one of its fields ({', '.join(current.keys())})")
+    value = _parse(text, current, key)
+    try:
+        with node.unlocked():
+            node[parts[-1]] = value
+    except TypeError as e:
+        raise ConfigOverrideError(f"--config.{key}={text!r}: {e}") from None
+
+
+def parse_cli(rest: list[str]) -> list[tuple[str, str]]:
+    """``['--config.a.b=1', '--config.c', '2']`` -> ``[('a.b', '1'), ('c', '2')]``; anything else is an error."""
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--config."):
+            raise ConfigOverrideError(f"unrecognized argument {arg!r}; overrides look like --config.optim.lr=1e-3")
+        body = arg[len("--config."):]
+        if "=" in body:
+            k, v = body.split("=", 1)
+        else:
+            if i + 1 >= len(rest):
+                raise ConfigOverrideError(f"{arg} needs a value (--config.key=value)")
+            k, v = body, rest[i + 1]
+            i += 1
+        out.append((k, v))
+        i += 1
+    return out
+
+
+def load(spec: str, overrides=()) -> mlc.ConfigDict:
+    """Load ``path.py[:arg]``, apply overrides (``'a.b=v'`` strings or (key, value) pairs), lock, validate."""
+    cfg = load_file(spec)
+    cfg.lock()
+    for o in overrides:
+        k, v = (o.split("=", 1) if "=" in o else (o, "")) if isinstance(o, str) else o
+        override(cfg, k.removeprefix("--config."), v)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation.
+
+def model_from(cfg) -> ZayaConfig:
+    try:
+        return ZayaConfig.from_dict(dict(cfg.model))
+    except ConfigError as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def tidar_options(cfg):
+    from zaya.tidar.objective import TidarOptions
+    try:
+        return TidarOptions(**dict(cfg.tidar))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.tidar: {e}") from None
+
+
+def mesh_sizes(cfg, num_devices: int | None) -> dict:
+    """Mesh sizes with the single -1 entry filled from ``num_devices``."""
+    m = {k: int(cfg.mesh[k]) for k in ("data", "fsdp", "tensor", "expert")}
+    free = [k for k, v in m.items() if v == -1]
+    if len(free) > 1 or any(v == 0 or v < -1 for v in m.values()):
+        raise ConfigError(f"config.mesh={m}: sizes are positive, at most one may be -1 (fill)")
+    fixed = 1
+    for k, v in m.items():
+        fixed *= v if v > 0 else 1
+    if free and num_devices is not None:
+        if num_devices % fixed:
+            raise ConfigError(f"config.mesh={m}: {num_devices} devices do not divide by the fixed sizes ({fixed})")
+        m[free[0]] = num_devices // fixed
+    elif free:
+        m[free[0]] = 1
+    if num_devices is not None and fixed * (1 if not free else m[free[0]]) != num_devices:
+        raise ConfigError(f"config.mesh={m} needs {fixed} devices but {num_devices} are used")
+    return m
+
+
+def validate(cfg):
+    """Check everything checkable without devices or data (the 'full' variants pass this without running)."""
+    mc = model_from(cfg)
+    for f in ("seq_len", "batch_size", "grad_accum", "num_steps"):
+        if int(cfg[f]) < 1:
+            raise ConfigError(f"config.{f}={cfg[f]} must be >= 1")
+    if cfg.seq_len > mc.max_position_embeddings:
+        raise ConfigError(f"config.seq_len={cfg.seq_len} exceeds model.max_position_embeddings="
+                          f"{mc.max_position_embeddings}")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"config.batch_size={cfg.batch_size} must divide by config.grad_accum={cfg.grad_accum}")
+    o = cfg.optim
+    from zaya.train.optim import SCHEDULES
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"config.optim.schedule={o.schedule!r}; choose one of {SCHEDULES}")
+    if o.decay_shape not in ("linear", "sqrt"):
+        raise ConfigError(f"config.optim.decay_shape={o.decay_shape!r}; use 'linear' or 'sqrt'")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"config.optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if not 0 < o.decay_fraction <= 1 or not 0 <= o.min_lr_ratio <= 1 or o.lr <= 0:
+        raise ConfigError("config.optim: need lr > 0, 0 < decay_fraction <= 1 and 0 <= min_lr_ratio <= 1")
+    tidar_options(cfg)
+    if cfg.require_init and not cfg.init_from:
+        raise ConfigError("this experiment continues a previous phase: set --config.init_from=<model folder> (e.g. "
+                          "the WORKDIR/model of the previous run, or a `zaya convert` output)")
+    nd = int(cfg.mesh.num_devices) or None
+    sizes = mesh_sizes(cfg, nd)
+    shards = sizes["data"] * sizes["fsdp"]
+    if nd is not None and cfg.batch_size % (shards * cfg.grad_accum):
+        raise ConfigError(f"config.batch_size={cfg.batch_size} must divide by data*fsdp*grad_accum="
+                          f"{shards * cfg.grad_accum} (rows per batch shard per microbatch)")
+    if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
+        raise ConfigError("config.checkpoint.every_steps and .keep must be >= 1")
+    from zaya.model.attention import IMPLS
+    if cfg.impl.attention not in IMPLS:
+        raise ConfigError(f"config.impl.attention={cfg.impl.attention!r}; registered: {sorted(IMPLS)}")
+    if cfg.impl.moe not in ("ragged", "dense"):
+        raise ConfigError(f"config.impl.moe={cfg.impl.moe!r}; use 'ragged' or 'dense'")
+    return cfg

@@ -1,0 +1,244 @@
+"""The training loop: ``train(cfg, workdir)`` runs (or resumes) one experiment and returns its summary.
+
+  WORKDIR/config.json      the experiment config as run          WORKDIR/checkpoints/   Orbax (see checkpoint.py)
+  WORKDIR/metrics.jsonl    one record per step                   WORKDIR/eval.jsonl     one per evaluation
+  WORKDIR/tb/              TensorBoard events                    WORKDIR/plots/         loss / accuracy / usage
+  WORKDIR/model/           final params as a zaya model folder   WORKDIR/summary.json   final metrics, throughput
+
+Running again on the same workdir resumes from the latest checkpoint (params, optimizer, data-iterator state, rng
+and step), so the loss trajectory equals an uninterrupted run. Start-up checks fail before any compute: the
+config (``configs.validate``), the tokenizer against the model vocab, the corpus (empty -> error), ``init_from``
+shapes against the model config, and a resumed checkpoint against the model and optimizer config.
+
+Test hook: with ``ZAYA_TEST_KILL_AFTER_STEP=k`` the process SIGKILLs itself right after step k's checkpoint is
+committed (``tests/test_train_resume.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from zaya.config import ConfigError, ZayaConfig
+from zaya.model.params import init as init_params, param_shapes
+from zaya.model.transformer import Impl
+from zaya.train import configs, evaluate, logs, plots
+from zaya.train import state as st
+from zaya.train.checkpoint import Checkpoints, check_meta, make_meta
+from zaya.train.optim import make_optimizer
+from zaya.train.step import batch_axes, jit_options, make_train_step, put_batch
+
+log = logging.getLogger("zaya.train")
+KILL_ENV = "ZAYA_TEST_KILL_AFTER_STEP"
+
+
+def make_mesh(cfg):
+    from zaya import sharding
+    nd = int(cfg.mesh.num_devices) or len(jax.devices())
+    sizes = configs.mesh_sizes(cfg, nd)
+    return sharding.make_mesh(**sizes, devices=jax.devices()[:nd])
+
+
+def resolve_model_dir(path: str) -> str:
+    """A model folder, or a training workdir whose ``model/`` holds one."""
+    from zaya.convert import checkpoint as zc
+    if not os.path.isdir(path):
+        raise ConfigError(f"config.init_from={path!r}: not a folder (expected a `zaya convert` output, an HF "
+                          "checkpoint or a training WORKDIR/model)")
+    if not zc.is_zaya_dir(path) and zc.is_zaya_dir(os.path.join(path, "model")):
+        return os.path.join(path, "model")
+    return path
+
+
+def load_init(path: str, model_cfg: ZayaConfig) -> dict:
+    """fp32 params from a model folder, checked against the experiment's model shapes. Non-shape fields (RoPE theta,
+    max positions, special ids, dtype) come from the experiment config (context extension changes theta)."""
+    import zaya
+    path = resolve_model_dir(path)
+    m = zaya.load(path, dtype="float32")
+    want, got = param_shapes(model_cfg), param_shapes(m.config)
+    if want != got:
+        diff = {k: (v, getattr(model_cfg, k)) for k, v in m.config.to_dict().items()
+                if v != getattr(model_cfg, k) and k != "dtype"}
+        raise ConfigError(f"config.init_from={path!r} has a model of another shape; differing fields "
+                          f"(checkpoint, config): {diff}")
+    changed = {k: (v, getattr(model_cfg, k)) for k, v in m.config.to_dict().items() if v != getattr(model_cfg, k)}
+    if changed:
+        log.info("init_from %s: config fields changed for this phase (checkpoint, now): %s", path, changed)
+    return m.params
+
+
+def check_inputs(cfg, model_cfg: ZayaConfig):
+    """Tokenizer vs model vocab (TokenizerError) and the tokenizer's special ids vs the model config."""
+    from zaya.data.tokenizer import check_vocab, load_tokenizer
+    tok = load_tokenizer(cfg.tokenizer)
+    check_vocab(tok, model_cfg.vocab_size)
+    if tok.mask_id is not None and tok.mask_id != model_cfg.mask_token_id and cfg.tidar.mode != "ar":
+        raise ConfigError(f"tokenizer mask id {tok.mask_id} != model.mask_token_id={model_cfg.mask_token_id}; "
+                          "set --config.model.mask_token_id to the tokenizer's mask id")
+    return tok
+
+
+def first_batch(it):
+    from zaya.data.sources import EmptyCorpusError
+    try:
+        return next(it)
+    except StopIteration:
+        raise EmptyCorpusError("the training data yielded no batch (empty corpus, or fewer rows than one batch)")
+
+
+class Run:
+    """The pieces of one run, built and checked before any training compute."""
+
+    def __init__(self, cfg, workdir: str, loss_fn=None):
+        configs.validate(cfg)
+        self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+        self.model_cfg = configs.model_from(cfg)
+        self.opts = configs.tidar_options(cfg)
+        self.tok = check_inputs(cfg, self.model_cfg)
+        from zaya.data import pipeline
+        self.train_iter = pipeline.make_train_iter(cfg.data, self.tok, cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.mesh = make_mesh(cfg)
+        self.rules = None
+        abstract = jax.tree.map(lambda s: np.zeros((), np.float32), param_shapes(self.model_cfg),
+                                is_leaf=lambda x: isinstance(x, tuple))
+        self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.num_steps, abstract)
+        self.state_sh = st.state_shardings(self.model_cfg, self.optimizer, self.mesh, self.rules)
+        self.dp = batch_axes(self.mesh, self.rules, cfg.batch_size)
+        self.impl = Impl(attention=cfg.impl.attention, moe=cfg.impl.moe, remat=bool(cfg.impl.remat))
+        self.loss_fn = loss_fn
+        self.step_fn = make_train_step(self.model_cfg, self.opts, self.optimizer, self.schedule, cfg.grad_accum,
+                                       self.impl, self.mesh, self.rules, self.state_sh, cfg.batch_size, loss_fn,
+                                       balance_rate=float(cfg.optim.router_balance_rate),
+                                       fast_compile=bool(cfg.impl.fast_compile))
+        self.ckpt = Checkpoints(os.path.join(self.workdir, "checkpoints"), cfg.checkpoint.keep,
+                                cfg.checkpoint.use_async)
+
+    def initial_state(self) -> tuple[st.TrainState, int]:
+        """(state, start step): restored from the latest checkpoint, or fresh (random or ``init_from``)."""
+        latest = self.ckpt.latest_step()
+        ab = st.abstract_state(self.model_cfg, self.optimizer)
+        if latest is not None:
+            where = f"checkpoint {self.ckpt.directory}/{latest}"
+            check_meta(self.ckpt.read_meta(latest), self.model_cfg, ab.opt_state, where)
+            target = st.with_shardings(ab.as_dict(), self.state_sh.as_dict())
+            d, data_state = self.ckpt.restore(latest, target)
+            self.train_iter.set_state(data_state)
+            return st.TrainState.from_dict(d), latest
+        create = jax.jit(lambda p: st.create(p, self.optimizer, self.cfg.seed), out_shardings=self.state_sh)
+        if self.cfg.init_from:
+            params = load_init(self.cfg.init_from, self.model_cfg)
+        else:
+            f32 = self.model_cfg.replace(dtype="float32")
+            # an rbg key: XLA:CPU compiles the init of ~40 threefry draws 4x slower (25 s vs 6 s for the tiny model)
+            key = jax.random.key(self.cfg.seed, impl="rbg")
+            params = jax.jit(lambda k: init_params(f32, k), out_shardings=self.state_sh.params,
+                             **jit_options(bool(self.cfg.impl.fast_compile)))(key)
+        return create(params), 0
+
+    def meta(self, step: int, state) -> dict:
+        return make_meta(self.model_cfg, state.opt_state, step, {"config": json.loads(self.cfg.to_json())})
+
+
+def _jsonable_cfg(cfg) -> str:
+    return cfg.to_json(indent=2)
+
+
+def train(cfg, workdir: str, loss_fn=None) -> dict:
+    """Run (or resume) the experiment ``cfg`` in ``workdir``; returns the summary dict (also summary.json)."""
+    os.makedirs(workdir, exist_ok=True)
+    run = Run(cfg, workdir, loss_fn)
+    lead = jax.process_index() == 0
+    state, start = run.initial_state()
+    paths = {k: os.path.join(run.workdir, f) for k, f in
+             (("metrics", "metrics.jsonl"), ("eval", "eval.jsonl"), ("summary", "summary.json"))}
+    if lead:
+        with open(os.path.join(run.workdir, "config.json"), "w") as f:
+            f.write(_jsonable_cfg(cfg))
+        for p in (paths["metrics"], paths["eval"]):
+            logs.truncate_jsonl(p, start)
+    jl = logs.JsonlWriter(paths["metrics"]) if lead else None
+    tb = logs.TensorBoard(os.path.join(run.workdir, "tb")) if lead and cfg.log.tensorboard else None
+    eval_batches = evaluate.eval_batches(cfg, run.tok)
+    eval_fn = evaluate.make_eval_fn(run.model_cfg, run.opts, run.impl, run.loss_fn, bool(cfg.impl.fast_compile))
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(total=cfg.num_steps, initial=start, desc=f"train {os.path.basename(run.workdir)}", unit="step",
+               disable=not (lead and cfg.log.progress), dynamic_ncols=True)
+    rates, t_last, last = [], None, {}
+    step = start
+    for step in range(start + 1, cfg.num_steps + 1):
+        batch = first_batch(run.train_iter) if step == start + 1 else next(run.train_iter)
+        state, metrics = run.step_fn(state, put_batch(batch, run.mesh, run.dp))
+        if step % cfg.log.every_steps == 0 or step == cfg.num_steps:
+            m = logs.to_host(metrics)
+            if isinstance(m.get("skip_rate"), list):
+                m["skip_rate_mean"] = float(np.mean(m["skip_rate"]))
+            now = time.perf_counter()
+            if t_last is not None:
+                m["tokens_per_s"] = tokens_per_step * (step - t_last[0]) / (now - t_last[1])
+                rates.append(m["tokens_per_s"])
+            t_last = (step, now)
+            if lead:
+                jl.write({"step": step, **m})
+                if tb:
+                    tb.write(step, m, "train/")
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m.get('tokens_per_s', 0):.0f}")
+            last = m
+        bar.update(1)
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.num_steps:
+            _eval(run, state, eval_fn, eval_batches, step, paths["eval"], tb, lead)
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.num_steps:
+            run.ckpt.save(step, state.as_dict(), run.train_iter.get_state(), run.meta(step, state))
+            if kill_at and step >= kill_at:
+                run.ckpt.wait()
+                if jl:
+                    jl.close()
+                os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    run.ckpt.close()
+    ev = _eval(run, state, eval_fn, eval_batches, step, paths["eval"], tb, lead) if eval_batches else {}
+    summary = {"workdir": run.workdir, "steps": int(step), "resumed_from": int(start),
+               "final": {k: v for k, v in last.items() if np.ndim(v) == 0}, "eval": ev,
+               "tokens_per_s": float(np.median(rates)) if rates else None,
+               "tokens_per_step": tokens_per_step, "num_params": int(run.model_cfg.num_params()),
+               "device": str(jax.devices()[0].device_kind), "num_devices": int(run.mesh.size)}
+    if lead:
+        if jl:
+            jl.close()
+        if tb:
+            tb.close()
+        if cfg.export_model:
+            export_model(state.params, run.model_cfg, os.path.join(run.workdir, "model"), cfg.tokenizer)
+        if cfg.log.plots:
+            plots.training_plots(run.workdir)
+        with open(paths["summary"], "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _eval(run, state, eval_fn, batches, step, path, tb, lead) -> dict:
+    if not batches:
+        return {}
+    m = evaluate.run_eval(eval_fn, state.params, batches, run.mesh, run.dp)
+    if lead:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": int(step), **m}) + "\n")
+        if tb:
+            tb.write(step, m, "eval/")
+    return m
+
+
+def export_model(params, model_cfg: ZayaConfig, dst: str, tokenizer: str = ""):
+    """Final params (cast to the model dtype) as a zaya model folder (``zaya.load`` / ``zaya export`` read it)."""
+    from zaya.convert import checkpoint as zc
+    from zaya.model.params import cast
+    params = jax.device_get(cast(params, model_cfg))
+    tok = tokenizer if tokenizer and os.path.isfile(tokenizer) else None
+    zc.save(dst, params, model_cfg, tokenizer=tok, overwrite=True)

@@ -1,0 +1,68 @@
+"""Shared pieces of the experiment configs (``experiments/*.py``): the tiny CPU stand-ins and the full-size recipe.
+
+The published ZAYA1-8B-Diffusion-Preview recipe (docs/tidar_and_samplers.md §2.1): ZAYA1-base -> TiDAR diffusion
+conversion, 600B tokens at 32k context -> native context extension, 500B tokens at 128k -> diffusion SFT; block
+size 16. Token budgets, context lengths and block size are published; the cluster shape, batch, learning rates and
+SFT budget below are our choices [I], sized for 64 nodes x 8 GPUs (Zyphra's run name says "64node").
+
+Tiny variants: a 2-layer, 4-expert ZAYA-architecture MoE on bytes (vocab 264 >= the byte tokenizer's 261), fp32,
+sized so each phase runs in minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import math
+
+from zaya.train import configs
+
+# ---- full size ------------------------------------------------------------------------------------------------
+FULL_DEVICES = 512                                   # 64 nodes x 8 GPUs
+FULL_MESH = dict(data=8, fsdp=8, tensor=1, expert=8, num_devices=FULL_DEVICES)
+FULL_TOKENS_PER_STEP = 16 * 2**20                    # ~16.8M clean tokens per optimizer step in every phase
+FULL_TOKENIZER = "/checkpoints/zaya1-base/tokenizer.json"   # Gemma-3 vocabulary (262k), mask id 4
+FULL_BASE = "/checkpoints/zaya1-base-zaya"           # `zaya convert Zyphra/ZAYA1-base /checkpoints/zaya1-base-zaya`
+
+
+def steps_for(tokens: float, seq_len: int, batch: int) -> int:
+    return int(math.ceil(tokens / (seq_len * batch)))
+
+
+def full_base(seq_len: int, rope_theta: float = 1e6, max_pos: int = 32768):
+    """The ZAYA1-base architecture in bf16 on the 512-GPU mesh; batch = FULL_TOKENS_PER_STEP / seq_len rows."""
+    c = configs.base()
+    c.model = configs.model_config("zaya1-base", dtype="bfloat16", rope_theta=rope_theta,
+                                   max_position_embeddings=max_pos, mask_token_id=4)
+    c.tokenizer = FULL_TOKENIZER
+    c.seq_len = seq_len
+    c.batch_size = FULL_TOKENS_PER_STEP // seq_len   # 512 rows at 32k, 128 rows at 128k
+    shards = FULL_MESH["data"] * FULL_MESH["fsdp"]
+    c.grad_accum = max(1, c.batch_size // shards)    # one row per batch shard per microbatch (TiDAR doubles it)
+    c.mesh.update(FULL_MESH)
+    c.impl.update(attention="chunked", moe="ragged", remat=True)
+    c.optim.update(lr=1e-4, warmup_steps=500, schedule="wsd", decay_fraction=0.1, decay_shape="sqrt",
+                   min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0)
+    c.data.update(source="jsonl:/data/midtrain/*.jsonl", val_fraction=0.001, num_threads=16, prefetch=64)
+    c.checkpoint.update(every_steps=250, keep=3)
+    c.log.update(every_steps=10, progress=True)
+    c.eval.update(every_steps=1000, num_batches=16, batch_size=shards)
+    return c
+
+
+# ---- tiny (CPU) -------------------------------------------------------------------------------------------------
+TINY_MODEL = dict(vocab_size=264, hidden_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                  num_experts=4, moe_intermediate_size=64, router_hidden_size=16, max_position_embeddings=1024,
+                  rope_theta=1e4, eos_token_id=1, bos_token_id=2, pad_token_id=0, mask_token_id=4, dtype="float32")
+
+
+def tiny_base(seq_len: int = 64, rope_theta: float = 1e4):
+    c = configs.base()
+    c.model = configs.model_config("tiny", **{**TINY_MODEL, "rope_theta": rope_theta})
+    c.tokenizer = "bytes"
+    c.seq_len = seq_len
+    c.batch_size = 8
+    c.grad_accum = 1
+    c.mesh.update(data=1, num_devices=1)
+    c.optim.update(lr=3e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0)
+    c.data.update(source="shakespeare", tasks_fraction=0.2, val_fraction=0.05, num_threads=1, prefetch=4)
+    c.checkpoint.update(every_steps=50, keep=2)
+    c.eval.update(every_steps=100, num_batches=4, batch_size=8)
+    return c

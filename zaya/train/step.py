@@ -1,0 +1,146 @@
+"""The jitted train step: grads over microbatches (a scan), AdamW update, metrics; donated, sharded state.
+
+  make_train_step(model_cfg, opts, optimizer, schedule, accum, impl, mesh, rules, state_sh, batch_size, loss_fn)
+      -> step(state, batch) -> (state', metrics)
+
+Mixed precision: the state holds fp32 params; the loss casts them to ``model_cfg.dtype`` (bf16 in production) with
+``zaya.model.params.cast``, so the cast's VJP hands fp32 grads back to the fp32 master weights.
+
+Grad accumulation: the global batch [B, S] is split into ``accum`` strided microbatches (microbatch a = rows a,
+a + accum, ...; each stays spread over the batch shards), grads and metrics are averaged. With equal-sized
+microbatches this is one step on the concatenated batch (tests check it).
+
+Sharding: with a mesh whose batch axes (``data``, ``fsdp``) have size > 1 the grad computation runs under
+``jax.shard_map`` per batch shard (params gathered at entry, grads and metrics ``pmean``-ed), as
+``zaya.sharding`` does for inference (XLA's propagation would otherwise follow the fsdp weight sharding instead of
+the batch); the optimizer update runs on the sharded state (``state_sh``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from zaya.config import ZayaConfig
+from zaya.model.params import cast
+from zaya.model.transformer import Impl
+
+
+# XLA options for CPU smoke runs and tests (config impl.fast_compile): about half the compile time of the tiny
+# models' train step on XLA:CPU, at a slower step.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit_options(fast_compile: bool) -> dict:
+    return {"compiler_options": FAST_COMPILE} if fast_compile else {}
+
+
+def split_microbatches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B // n, ...], microbatch a = rows a, a + n, a + 2n, ..."""
+    def f(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} microbatches")
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(f, batch)
+
+
+def _f32(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def make_grad_fn(model_cfg: ZayaConfig, opts, impl: Impl, loss_fn, accum: int = 1):
+    """(params_fp32, batch, rng) -> (grads fp32, loss, metrics fp32), averaged over ``accum`` microbatches."""
+    def loss(params, mb, rng):
+        value, metrics = loss_fn(cast(params, model_cfg), model_cfg, mb, opts, rng, impl)
+        return value, _f32(metrics)
+    vg = jax.value_and_grad(loss, has_aux=True)
+
+    def grads(params, batch, rng):
+        if accum == 1:
+            (value, metrics), g = vg(params, batch, jax.random.fold_in(rng, 0))
+            return g, value, metrics
+        mbs = split_microbatches(batch, accum)
+        first = jax.tree.map(lambda x: x[0], mbs)
+        _, m_shape = jax.eval_shape(loss, params, first, rng)
+        zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), t)
+        init = (zeros(params), jnp.zeros((), jnp.float32), zeros(m_shape))
+
+        def body(carry, xs):
+            i, mb = xs
+            (value, metrics), g = vg(params, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (g, value.astype(jnp.float32), metrics)), None
+        total, _ = jax.lax.scan(body, init, (jnp.arange(accum), mbs))
+        g, value, metrics = jax.tree.map(lambda x: x / accum, total)
+        return g, value, metrics
+    return grads
+
+
+def balance_router_bias(params: dict, counts_LE, rate: float) -> dict:
+    """Aux-loss-free load balancing (DeepSeek-V3 style) of the router's balancing biases: each real expert's bias
+    moves by ``rate`` towards the mean load (+rate if under-loaded, -rate if over-loaded; centred per layer). The
+    MoD skip class (last column) is left alone. The biases only steer the top-1 choice, so they get no gradient."""
+    if rate <= 0:
+        return params
+    load = counts_LE[:, :-1]
+    upd = rate * jnp.sign(load.mean(-1, keepdims=True) - load)
+    upd = upd - upd.mean(-1, keepdims=True)
+    bias = params["layers"]["router"]["bias"]
+    bias = bias.at[:, :-1].add(upd.astype(bias.dtype))
+    layers = dict(params["layers"], router=dict(params["layers"]["router"], bias=bias))
+    return dict(params, layers=layers)
+
+
+def batch_axes(mesh, rules, batch_size: int):
+    """Mesh axes the batch rows are split over (None, a name or a tuple), per ``zaya.sharding``'s batch rule."""
+    if mesh is None or mesh.size == 1:
+        return None
+    from zaya import sharding
+    spec = sharding.logical_to_spec(("batch",), rules, mesh, (batch_size,))
+    return spec[0] if len(spec) else None
+
+
+def make_train_step(model_cfg: ZayaConfig, opts, optimizer: optax.GradientTransformation, schedule, accum: int = 1,
+                    impl: Impl = Impl(), mesh=None, rules=None, state_sh=None, batch_size: int | None = None,
+                    loss_fn=None, donate: bool = True, balance_rate: float = 0.0, fast_compile: bool = False):
+    """The jitted ``step(state, batch) -> (state', metrics)`` (state donated). ``loss_fn`` defaults to
+    ``zaya.tidar.objective.loss_fn``."""
+    if loss_fn is None:
+        from zaya.tidar.objective import loss_fn
+    grad_fn = make_grad_fn(model_cfg, opts, impl, loss_fn, accum)
+    dp = batch_axes(mesh, rules, batch_size) if batch_size else None
+    if dp is not None:
+        names = {dp} if isinstance(dp, str) else set(dp)
+        local = grad_fn
+
+        def per_shard(params, batch, rng):
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(dp))  # a different random draw per batch shard
+            g, value, metrics = local(params, batch, rng)
+            return jax.lax.pmean((g, value, metrics), dp)
+        grad_fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(dp), P()), out_specs=P(),
+                                axis_names=names, check_vma=False)
+
+    def step(state, batch):
+        rng, sub = jax.random.split(state.rng)
+        g, value, metrics = grad_fn(state.params, batch, sub)
+        updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if balance_rate > 0 and "expert_counts" in metrics:
+            params = balance_router_bias(params, metrics["expert_counts"], balance_rate)
+        metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(g), lr=schedule(state.step),
+                       param_norm=optax.tree.norm(params))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+    kw = dict(donate_argnums=(0,) if donate else (), **jit_options(fast_compile))
+    if mesh is None:
+        return jax.jit(step, **kw)
+    bsh = NamedSharding(mesh, P(dp))
+    return jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, NamedSharding(mesh, P())), **kw)
+
+
+def put_batch(batch: dict, mesh, dp) -> dict:
+    """Host batch -> global device arrays split by rows over ``dp`` (each process passes its local rows)."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    sh = NamedSharding(mesh, P(dp))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, x), batch)
