@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 from test_tidar_layout import np_params, reference_layout
 from zaya.config import preset
@@ -51,16 +52,19 @@ def batch_main(c):
 # ---------------------------------------------------------------------------------------------------------------
 # The dense reference: an explicit [T, T] mask from the paper's rule, its own attention, a per-token loss loop.
 
-def _dense_attention(mask_BTT):
-    m = jnp.asarray(mask_BTT)
+@struct.dataclass
+class _DenseLayout(layout_lib.Layout):
+    """pos/prev for RoPE and the convolutions, plus the explicit [B, T, T] mask the reference attention uses."""
+    dense: jnp.ndarray = None
 
-    def attend(q, k, v, layout, cache_k, cache_v, cache_len):
-        G = q.shape[2] // k.shape[2]
-        kk, vv = jnp.repeat(k, G, 2).astype(jnp.float32), jnp.repeat(v, G, 2).astype(jnp.float32)
-        s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kk) * q.shape[-1] ** -0.5
-        p = jnp.where(m[:, None], jax.nn.softmax(jnp.where(m[:, None], s, -1e30), -1), 0.0)
-        return jnp.einsum("bhts,bshd->bthd", p, vv).astype(v.dtype)
-    return attend
+
+def _dense_attention(q, k, v, layout, cache_k, cache_v, cache_len):
+    m = layout.dense[:, None]
+    G = q.shape[2] // k.shape[2]
+    kk, vv = jnp.repeat(k, G, 2).astype(jnp.float32), jnp.repeat(v, G, 2).astype(jnp.float32)
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kk) * q.shape[-1] ** -0.5
+    p = jnp.where(m, jax.nn.softmax(jnp.where(m, s, -1e30), -1), 0.0)
+    return jnp.einsum("bhts,bshd->bthd", p, vv).astype(v.dtype)
 
 
 def _prev_from_dense(mask, pos):
@@ -76,32 +80,55 @@ def _prev_from_dense(mask, pos):
     return prev
 
 
-@functools.lru_cache(maxsize=None)
-def reference(name):
-    """Loss and metrics of case ``name`` computed without any of the objective's code."""
+def _dense_case(c, name):
+    """Tokens, positions, dense mask and slots of case ``name`` built by loops (reference_layout)."""
     opts = CASES[name]
-    c, p = preset("tiny"), np_params(preset("tiny"), seed=1)
     batch = batch_main(c)
-    x, lm = batch["tokens"], batch["loss_mask"]
+    x = batch["tokens"]
     doc = batch["doc_ids"] if opts.doc_masking else np.where(batch["doc_ids"] >= 0, 0, -1)
-    B, b = x.shape[0], opts.block_size
+    B = x.shape[0]
     masked = (np.asarray(jax.random.bernoulli(RNG, opts.mask_ratio, (B, S))) if opts.masking == "random"
               else np.ones((B, S), bool))
-    slots, pos, mask = reference_layout(doc, b, anchor=opts.anchor, block_causal=opts.block_causal)
+    slots, pos, mask = reference_layout(doc, opts.block_size, anchor=opts.anchor, block_causal=opts.block_causal)
     tok = np.array([[x[r, i] if k == "clean" or (k == "mask" and not masked[r, i]) else
                      x[r, i - 1] if k == "anchor" else c.mask_token_id for k, i in slots[r]] for r in range(B)])
-    name_ = f"dense_test_{name}"
-    attn_lib.IMPLS[name_] = _dense_attention(mask)
+    return dict(batch=batch, doc=doc, masked=masked, slots=slots, pos=pos, mask=mask, tok=tok)
+
+
+@functools.lru_cache(maxsize=None)
+def references():
+    """Loss and metrics of every case computed without any of the objective's code: one dense-mask forward over
+    all cases (rows padded to a common length with tokens that see nothing), then a per-token loop."""
+    c = preset("tiny")
+    p = np_params(c, seed=1)
+    cases = {n: _dense_case(c, n) for n in sorted(CASES)}
+    T = max(d["tok"].shape[1] for d in cases.values())
+    padT = lambda a, v: np.pad(a, [(0, 0), (0, T - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=v)
+    tok = np.concatenate([padT(d["tok"], 0) for d in cases.values()])
+    pos = np.concatenate([padT(d["pos"], 0) for d in cases.values()])
+    mask = np.concatenate([np.pad(d["mask"], [(0, 0), (0, T - d["tok"].shape[1]), (0, T - d["tok"].shape[1])])
+                           for d in cases.values()])
+    z = jnp.zeros(pos.shape, jnp.int32)
+    lay = _DenseLayout(pos=jnp.asarray(pos), seg=z, blk=z, ctx=z, prev=jnp.asarray(_prev_from_dense(mask, pos)),
+                       dense=jnp.asarray(mask))
+    attn_lib.IMPLS["test_dense_mask"] = _dense_attention
     try:
-        z = np.zeros_like(pos)
-        lay = layout_lib.Layout(pos=jnp.asarray(pos), seg=jnp.asarray(z), blk=jnp.asarray(z), ctx=jnp.asarray(z),
-                                prev=jnp.asarray(_prev_from_dense(mask, pos)))
-        impl = Impl(attention=name_, moe="dense")
-        logits = np.asarray(jax.jit(lambda p, t, l: apply(p, c, t, l, impl=impl)[0])(p, tok, lay), np.float64)
+        impl = Impl(attention="test_dense_mask", moe="dense")
+        logits_all = np.asarray(jax.jit(lambda p, t, l: apply(p, c, t, l, impl=impl)[0])(p, tok, lay), np.float64)
     finally:
-        del attn_lib.IMPLS[name_]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
-        logits.max(-1, keepdims=True)
+        del attn_lib.IMPLS["test_dense_mask"]
+    out = {}
+    for n, (name, d) in enumerate(cases.items()):
+        out[name] = _naive_loss(CASES[name], d, logits_all[2 * n:2 * n + 2])
+    return out
+
+
+def _naive_loss(opts, d, logits):
+    x, lm, doc, pos, masked, slots = (d["batch"]["tokens"], d["batch"]["loss_mask"], d["doc"], d["pos"], d["masked"],
+                                      d["slots"])
+    B, b = x.shape[0], opts.block_size
+    mx = logits.max(-1, keepdims=True)
+    logp = logits - mx - np.log(np.exp(logits - mx).sum(-1, keepdims=True))
     pred = logits.argmax(-1)
     w = position_weights(opts)
     resp = lm > 0 if opts.prompt_masking else np.ones((B, S), bool)
@@ -128,11 +155,11 @@ def reference(name):
     ar_loss, diff_loss = ar[0] / ar[1], df[0] / df[1]
     return dict(loss=(opts.alpha * ar_loss + diff_loss) / (1 + opts.alpha), ar_loss=ar_loss, diff_loss=diff_loss,
                 n_ar_tokens=ar[1], n_diff_tokens=df[1], diff_acc_per_pos=hits / np.maximum(cnt, 1),
-                diff_count_per_pos=cnt, first_slot_agree=first[0] / first[1], mask=mask, masked=masked)
+                diff_count_per_pos=cnt, first_slot_agree=first[0] / first[1], mask=d["mask"])
 
 
 def _check_against_reference(c, name, loss, m):
-    opts, ref = CASES[name], reference(name)
+    opts, ref = CASES[name], references()[name]
     batch = batch_main(c)
     bt = _build(batch["tokens"], batch["doc_ids"], batch["loss_mask"], opts, c.mask_token_id, RNG)
     np.testing.assert_array_equal(layout_lib.dense_mask(bt["layout"]), ref["mask"])  # never built by the objective
@@ -261,7 +288,7 @@ def test_ar_eval_is_the_clean_half_loss(model):
     c, p = model
     batch = batch_main(c)
     loss, m = jax.jit(ar_eval, static_argnums=1)(p, c, batch)
-    np.testing.assert_allclose(float(loss), reference("B")["ar_loss"], rtol=2e-5)
+    np.testing.assert_allclose(float(loss), references()["B"]["ar_loss"], rtol=2e-5)
     np.testing.assert_allclose(float(loss), float(_loss(p, c, batch, CASES["B"], RNG, Impl())[1]["ar_loss"]), rtol=2e-5)
     assert set(m) >= {"loss", "ar_acc", "n_ar_tokens"} and "diff_loss" not in m
     assert build(batch["tokens"], batch["doc_ids"], None, TidarOptions(mode="ar"), 4)["inputs"].shape == (2, S)
