@@ -321,6 +321,8 @@ def test_chunked_ce_equals_full(model):
     full, chunked = token_ce(p, h, y), jax.jit(token_ce, static_argnums=3)(p, h, y, 5)
     np.testing.assert_allclose(np.asarray(chunked[0]), np.asarray(full[0]), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(chunked[1]), np.asarray(full[1]))
+    grad = lambda chunk: jax.grad(lambda h: token_ce(p, h, y, chunk)[0].sum())(h)
+    np.testing.assert_allclose(np.asarray(jax.jit(grad, static_argnums=0)(5)), np.asarray(grad(0)), atol=1e-6)
 
 
 @pytest.mark.parametrize("kw,field", [(dict(block_size=0), "block_size"), (dict(alpha=-1.0), "alpha"),
