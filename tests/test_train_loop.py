@@ -44,7 +44,14 @@ def test_tiny_pretraining_learns_and_writes_outputs(pretrained):
         assert key in rows[-1]
     assert np.asarray(rows[-1]["expert_counts"]).shape == (1, 5)   # [layers, experts + skip]
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["15", "30"]
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(os.path.join(wd, "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("train/loss")] == list(range(1, 31))
+    assert tb.Scalars("train/loss")[-1].value == pytest.approx(losses[-1])
+    usage = tb.Histograms("train/expert_counts/0")[-1].histogram_value   # expert-usage histogram, last = skip
+    assert usage.num == pytest.approx(sum(rows[-1]["expert_counts"][0])) and len(usage.bucket) == 5
+    assert "train/skip_rate/0" in tb.Tags()["scalars"]
     assert os.path.exists(os.path.join(wd, "plots", "loss.png"))
     assert os.path.exists(os.path.join(wd, "plots", "expert_usage.png"))
 

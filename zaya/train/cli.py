@@ -19,10 +19,28 @@ def _startup_errors() -> tuple:
     return ConfigError, DataError, TokenizerError, CheckpointMismatchError, CheckpointError, FileNotFoundError
 
 
+def maybe_init_distributed():
+    """Multi-host runs: one process per host (or GPU) under SLURM / Open MPI / Kubernetes, or with
+    ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` set. Single-process runs skip it."""
+    import os
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    ompi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+    if not (slurm or ompi or explicit or os.environ.get("ZAYA_DISTRIBUTED") == "1"):
+        return
+    import jax
+    if explicit:
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ["JAX_PROCESS_ID"]), initialization_timeout=900)
+    else:
+        jax.distributed.initialize(initialization_timeout=900)
+
+
 def main(args, rest) -> dict:
     from zaya.train import configs
     from zaya.train.loop import train
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    maybe_init_distributed()
     try:
         cfg = configs.load(args.config, configs.parse_cli(list(rest)))
         summary = train(cfg, args.workdir)

@@ -62,6 +62,7 @@ def base() -> mlc.ConfigDict:
     c.impl = mlc.ConfigDict(dict(attention="reference", moe="ragged", remat=False,
                                  fast_compile=False))  # fast_compile: XLA opt level 0 (CPU smoke runs, tests)
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0))  # -1: the remaining devices
+    c.sharding_rules = ()             # (logical axis, mesh axes) pairs; () = zaya.sharding.DEFAULT_RULES
     c.checkpoint = mlc.ConfigDict(dict(every_steps=50, keep=3, use_async=True))
     c.log = mlc.ConfigDict(dict(every_steps=1, progress=True, tensorboard=True, plots=True))
     c.eval = mlc.ConfigDict(dict(every_steps=0, num_batches=2, batch_size=8))  # every_steps 0: only at the end

@@ -57,13 +57,17 @@ def make_eval_fn(model_cfg, opts, impl: Impl = Impl(), loss_fn=None, fast_compil
 
 
 def run_eval(eval_fn, params, batches, mesh=None, dp=None) -> dict:
-    """Metrics averaged over batches, weighted by each batch's loss-mask tokens (padding batches count 0)."""
+    """Metrics averaged over batches, weighted by each batch's loss-mask tokens (padding batches count 0).
+
+    With a mesh, each process passes its local rows and the batch is assembled as one global array (multi-host)."""
+    from zaya.train.step import put_batch
     tot, wsum = None, 0.0
     for b in batches:
-        w = float(np.asarray(b["loss_mask"]).sum())
+        g = put_batch(b, mesh, dp) if mesh is not None else {k: jnp.asarray(v) for k, v in b.items()}
+        w = float(jnp.sum(g["loss_mask"]))
         if w <= 0:
             continue
-        m = jax.device_get(eval_fn(params, {k: jnp.asarray(v) for k, v in b.items()}))
+        m = jax.device_get(eval_fn(params, g))
         m = {k: np.asarray(v, np.float64) * w for k, v in m.items()}
         tot = m if tot is None else {k: tot[k] + m[k] for k in tot}
         wsum += w
@@ -154,6 +158,7 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="model folder (e.g. WORKDIR/model of the TiDAR run)")
     p.add_argument("--base", default=None, help="the AR base model folder to compare against")
     p.add_argument("--config", default=None, help="experiments/X.py:variant for data, tokenizer, seq_len, tidar")
+    p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     p.add_argument("--out", default=None, help="write eval.json and eval.md here")
     p.add_argument("--num-tasks", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -162,7 +167,7 @@ def main(argv=None):
     kw = {}
     if a.config:
         from zaya.train import configs
-        cfg = configs.load(a.config)
+        cfg = configs.load(a.config, a.set)
         kw = dict(data_cfg=cfg.data, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, batch_size=cfg.eval.batch_size,
                   tidar=dict(cfg.tidar))
     res = evaluate(a.model, a.base, max_batches=a.max_batches, num_tasks=a.num_tasks,

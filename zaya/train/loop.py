@@ -85,12 +85,16 @@ def check_inputs(cfg, model_cfg: ZayaConfig):
     return tok
 
 
-def first_batch(it):
-    from zaya.data.sources import EmptyCorpusError
+def next_batch(it, step: int, num_steps: int):
+    from zaya.data.sources import DataError, EmptyCorpusError
     try:
         return next(it)
     except StopIteration:
-        raise EmptyCorpusError("the training data yielded no batch (empty corpus, or fewer rows than one batch)")
+        if step == 1:
+            raise EmptyCorpusError("the training data yielded no batch (empty corpus, or fewer rows than one "
+                                   "batch)") from None
+        raise DataError(f"the training data ran out at step {step} of {num_steps} (data.num_epochs is finite); "
+                        "raise num_epochs, set it to None (repeat), or lower num_steps") from None
 
 
 class Run:
@@ -105,7 +109,7 @@ class Run:
         from zaya.data import pipeline
         self.train_iter = pipeline.make_train_iter(cfg.data, self.tok, cfg.seq_len, cfg.batch_size, cfg.seed)
         self.mesh = make_mesh(cfg)
-        self.rules = None
+        self.rules = tuple(tuple(r) for r in cfg.sharding_rules) or None
         abstract = jax.tree.map(lambda s: np.zeros((), np.float32), param_shapes(self.model_cfg),
                                 is_leaf=lambda x: isinstance(x, tuple))
         self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.num_steps, abstract)
@@ -174,7 +178,7 @@ def train(cfg, workdir: str, loss_fn=None) -> dict:
     rates, t_last, last = [], None, {}
     step = start
     for step in range(start + 1, cfg.num_steps + 1):
-        batch = first_batch(run.train_iter) if step == start + 1 else next(run.train_iter)
+        batch = next_batch(run.train_iter, step, cfg.num_steps)
         state, metrics = run.step_fn(state, put_batch(batch, run.mesh, run.dp))
         if step % cfg.log.every_steps == 0 or step == cfg.num_steps:
             m = logs.to_host(metrics)
@@ -209,13 +213,13 @@ def train(cfg, workdir: str, loss_fn=None) -> dict:
                "tokens_per_s": float(np.median(rates)) if rates else None,
                "tokens_per_step": tokens_per_step, "num_params": int(run.model_cfg.num_params()),
                "device": str(jax.devices()[0].device_kind), "num_devices": int(run.mesh.size)}
+    if cfg.export_model:
+        export_model(state.params, run.model_cfg, os.path.join(run.workdir, "model"), cfg.tokenizer)
     if lead:
         if jl:
             jl.close()
         if tb:
             tb.close()
-        if cfg.export_model:
-            export_model(state.params, run.model_cfg, os.path.join(run.workdir, "model"), cfg.tokenizer)
         if cfg.log.plots:
             plots.training_plots(run.workdir)
         with open(paths["summary"], "w") as f:
@@ -239,6 +243,12 @@ def export_model(params, model_cfg: ZayaConfig, dst: str, tokenizer: str = ""):
     """Final params (cast to the model dtype) as a zaya model folder (``zaya.load`` / ``zaya export`` read it)."""
     from zaya.convert import checkpoint as zc
     from zaya.model.params import cast
-    params = jax.device_get(cast(params, model_cfg))
+    params = cast(params, model_cfg)
+    if jax.process_count() > 1:  # sharded over hosts: gather the full arrays (every process takes part)
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() != 0:
+            return
+    params = jax.device_get(params)
     tok = tokenizer if tokenizer and os.path.isfile(tokenizer) else None
     zc.save(dst, params, model_cfg, tokenizer=tok, overwrite=True)

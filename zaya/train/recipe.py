@@ -37,6 +37,8 @@ def full_base(seq_len: int, rope_theta: float = 1e6, max_pos: int = 32768):
     shards = FULL_MESH["data"] * FULL_MESH["fsdp"]
     c.grad_accum = max(1, c.batch_size // shards)    # one row per batch shard per microbatch (TiDAR doubles it)
     c.mesh.update(FULL_MESH)
+    from zaya.sharding import DEFAULT_RULES
+    c.sharding_rules = DEFAULT_RULES                 # batch over (data, fsdp), weights over fsdp, experts over expert
     c.impl.update(attention="chunked", moe="ragged", remat=True)
     c.optim.update(lr=1e-4, warmup_steps=500, schedule="wsd", decay_fraction=0.1, decay_shape="sqrt",
                    min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0)
