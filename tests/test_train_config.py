@@ -146,3 +146,27 @@ def test_init_from_must_match_model_shapes(tmp_path):
         load_init(str(tmp_path / "m"), configs.model_from(_tiny()))
     with pytest.raises(ConfigError, match="not a folder"):
         load_init(str(tmp_path / "nope"), small)
+
+
+def test_init_from_a_zaya_convert_output(tmp_path, fixtures_dir):
+    """A `zaya convert` folder of an HF checkpoint starts a run like any model folder: the train state holds its
+    weights (fp32 masters), at step 0; a model config of another shape is refused."""
+    import zaya
+    from zaya.config import from_hf_config
+    from zaya.convert.cli import convert
+    from zaya.train.loop import Run
+    src = os.path.join(fixtures_dir, "native")
+    convert(src, str(tmp_path / "conv"))
+    hf = from_hf_config(os.path.join(src, "config.json"))
+    ov = [f"model.{k}={v}" for k, v in hf.to_dict().items() if k != "dtype"]
+    cfg = _tiny("tidar_convert", "data.tasks_fraction=0.0", f"init_from={tmp_path / 'conv'}", *ov)
+    run = Run(cfg, str(tmp_path / "w"))
+    state, start = run.initial_state()
+    ref = zaya.load(str(tmp_path / "conv"), dtype="float32").params
+    assert start == 0 and int(state.step) == 0
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref)):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ConfigError, match="another shape"):
+        Run(_tiny("tidar_convert", "data.tasks_fraction=0.0", f"init_from={tmp_path / 'conv'}"),
+            str(tmp_path / "w2")).initial_state()

@@ -64,6 +64,7 @@ def test_rerun_of_a_finished_workdir_resumes_without_training(pretrained):
                         "eval.num_batches=1", "log.plots=false", *QUIET])
     again = train(cfg, wd)
     assert again["resumed_from"] == 30 and again["steps"] == 30
+    assert again["final"]["loss"] == pytest.approx(first["final"]["loss"])  # from the log: ablation tables
     assert again["eval"]["ar_loss"] == pytest.approx(first["eval"]["ar_loss"], rel=1e-6)
     assert [r["step"] for r in read_jsonl(os.path.join(wd, "metrics.jsonl"))] == list(range(1, 31))
 
@@ -159,7 +160,7 @@ def test_ablation_runner_writes_table_and_plots(tmp_path):
     md = (tmp_path / "ablation.md").read_text()
     assert "alpha" in md and "block_size" in md and md.count("\n") == 8
     assert (tmp_path / "ablation.csv").read_text().startswith("run,")
-    assert (tmp_path / "ablation_loss.png").exists()
+    assert (tmp_path / "ablation_loss.png").exists() and (tmp_path / "ablation_diff_acc_per_pos.png").exists()
     assert rows[0]["eval_diff_acc_pos0"] == 0.5
     with pytest.raises(configs.ConfigOverrideError, match="Did you mean tidar.alpha"):
         ablate.ablate(os.path.join(EXP, "tidar_convert.py:tiny"), str(tmp_path / "bad"),

@@ -80,13 +80,14 @@ def row_of(name: str, overrides, summary: dict) -> dict:
            "eval_loss": ev.get("loss"), "eval_ar_loss": ev.get("ar_loss"), "eval_diff_loss": ev.get("diff_loss"),
            "eval_diff_acc": (sum(acc) / len(acc)) if acc else ev.get("diff_acc"),
            "eval_diff_acc_pos0": acc[0] if acc else None, "skip_rate": f.get("skip_rate_mean"),
-           "tokens_per_s": summary.get("tokens_per_s")}
+           "tokens_per_s": summary.get("tokens_per_s"), "eval_diff_acc_per_pos": acc}
     return row
 
 
 def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
     keys = ["run"] + sorted({k for r in rows for k in r if k not in COLUMNS and k != "run"}) + list(COLUMNS)
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows) and not any(isinstance(r.get(k), list)
+                                                                                    for r in rows)]
     csv_path, md_path = os.path.join(out_dir, "ablation.csv"), os.path.join(out_dir, "ablation.md")
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -120,6 +121,8 @@ def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=()
     wd = {n: os.path.join(workdir, n) for n in names}
     for key in ("loss", "diff_loss", "ar_loss"):
         plots.compare_runs(wd, os.path.join(workdir, f"ablation_{key}.png"), key)
+    plots.compare_vectors({r["run"]: r["eval_diff_acc_per_pos"] for r in rows if r.get("eval_diff_acc_per_pos")},
+                          os.path.join(workdir, "ablation_diff_acc_per_pos.png"))
     with open(os.path.join(workdir, "ablation.json"), "w") as f:
         json.dump(rows, f, indent=2)
     return rows

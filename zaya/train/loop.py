@@ -208,8 +208,12 @@ def train(cfg, workdir: str, loss_fn=None) -> dict:
     bar.close()
     run.ckpt.close()
     ev = _eval(run, state, eval_fn, eval_batches, step, paths["eval"], tb, lead) if eval_batches else {}
+    if not last and lead:  # nothing left to train: report the last logged step (a rerun of a finished workdir)
+        prev = logs.read_jsonl(paths["metrics"])
+        last = prev[-1] if prev else {}
+        rates = [r["tokens_per_s"] for r in prev if "tokens_per_s" in r]
     summary = {"workdir": run.workdir, "steps": int(step), "resumed_from": int(start),
-               "final": {k: v for k, v in last.items() if np.ndim(v) == 0}, "eval": ev,
+               "final": {k: v for k, v in last.items() if np.ndim(v) == 0 and k != "step"}, "eval": ev,
                "tokens_per_s": float(np.median(rates)) if rates else None,
                "tokens_per_step": tokens_per_step, "num_params": int(run.model_cfg.num_params()),
                "device": str(jax.devices()[0].device_kind), "num_devices": int(run.mesh.size)}

@@ -98,6 +98,23 @@ def compare_runs(runs: dict, out_png: str, key: str = "loss", source: str = "met
     return _save(fig, plt, out_png)
 
 
+def compare_vectors(vectors: dict, out_png: str, xlabel: str = "position in block",
+                    ylabel: str = "eval diffusion accuracy") -> str | None:
+    """``vectors``: name -> list (e.g. per-position diffusion accuracy of each run), one line each."""
+    if not vectors:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, v in vectors.items():
+        ax.plot(np.arange(len(v)), v, "o-", label=name, ms=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, out_png)
+
+
 def _save(fig, plt, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
