@@ -67,6 +67,7 @@ def test_rerun_of_a_finished_workdir_resumes_without_training(pretrained):
     assert again["final"]["loss"] == pytest.approx(first["final"]["loss"])  # from the log: ablation tables
     assert again["eval"]["ar_loss"] == pytest.approx(first["eval"]["ar_loss"], rel=1e-6)
     assert [r["step"] for r in read_jsonl(os.path.join(wd, "metrics.jsonl"))] == list(range(1, 31))
+    assert [r["step"] for r in read_jsonl(os.path.join(wd, "eval.jsonl"))] == [15, 30]
 
 
 def test_exported_model_loads_and_exports(pretrained, tmp_path):

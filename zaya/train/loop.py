@@ -207,7 +207,11 @@ def train(cfg, workdir: str, loss_fn=None) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     run.ckpt.close()
-    ev = _eval(run, state, eval_fn, eval_batches, step, paths["eval"], tb, lead) if eval_batches else {}
+    done = [r for r in logs.read_jsonl(paths["eval"]) if r.get("step") == step] if start == step else []
+    if done:  # a rerun of a finished workdir: its final evaluation is already logged
+        ev = {k: v for k, v in done[-1].items() if k != "step"}
+    else:
+        ev = _eval(run, state, eval_fn, eval_batches, step, paths["eval"], tb, lead) if eval_batches else {}
     if not last and lead:  # nothing left to train: report the last logged step (a rerun of a finished workdir)
         prev = logs.read_jsonl(paths["metrics"])
         last = prev[-1] if prev else {}

@@ -6,9 +6,12 @@
 Mixed precision: the state holds fp32 params; the loss casts them to ``model_cfg.dtype`` (bf16 in production) with
 ``zaya.model.params.cast``, so the cast's VJP hands fp32 grads back to the fp32 master weights.
 
-Grad accumulation: the global batch [B, S] is split into ``accum`` strided microbatches (microbatch a = rows a,
-a + accum, ...; each stays spread over the batch shards), grads and metrics are averaged. With equal-sized
-microbatches this is one step on the concatenated batch (tests check it).
+Grad accumulation: the (per-shard) batch [B, S] is split into ``accum`` strided microbatches (microbatch a = rows
+a, a + accum, ...) and a ``lax.scan`` averages their grads and metrics, so activation memory is that of one
+microbatch. With equal-sized microbatches this is one step on the concatenated batch (tests check it).
+
+MoE balancing: after the update, the router's balancing biases move towards equal expert load
+(``balance_router_bias``, aux-loss-free, rate ``optim.router_balance_rate``) from the step's expert counts.
 
 Sharding: with a mesh whose batch axes (``data``, ``fsdp``) have size > 1 the grad computation runs under
 ``jax.shard_map`` per batch shard (params gathered at entry, grads and metrics ``pmean``-ed), as
