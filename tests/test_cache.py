@@ -71,7 +71,7 @@ def test_commit_keeps_only_first_n(model):
         L = int(n[b])
         np.testing.assert_array_equal(got.length[b], L)
         for name in ("k", "v"):
-            np.testing.assert_allclose(getattr(got, name)[:, b, :L], getattr(fresh, name)[:, 0, :L], atol=1e-6)
+            np.testing.assert_allclose(getattr(got, name)[:, b, :L], getattr(fresh, name)[:, 0, :L], atol=2e-5)
             assert float(jnp.abs(getattr(got, name)[:, b, L:]).max()) == 0.0  # nothing beyond n was written
         for name in ("xqk", "vd"):
             np.testing.assert_allclose(getattr(got, name)[:, b, :L], getattr(fresh, name)[:, 0, :L], atol=1e-6)

@@ -75,7 +75,7 @@ def test_cache_equals_fresh_prefill_of_committed_tokens(model, sampler, pending)
         _, chunk, _ = apply(model.params, c, seq, layout_lib.causal(1, L), fresh)
         for name in ("k", "v", "xqk", "vd"):
             got = np.asarray(getattr(st.cache, name)[:, b, :L])
-            np.testing.assert_allclose(got, np.asarray(getattr(chunk, name)[:, 0]), atol=2e-5)
+            np.testing.assert_allclose(got, np.asarray(getattr(chunk, name)[:, 0]), atol=5e-5)
 
 
 def test_eos_inside_a_block_drops_what_follows(model, ar_ref):

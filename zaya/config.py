@@ -348,6 +348,8 @@ def to_hf_config(c: ZayaConfig) -> dict:
 
 PRESETS: dict[str, ZayaConfig] = {
     "zaya1-8b": ZayaConfig(),
+    # ZAYA1-8B's width with 4 of its 40 layers: GPU benchmarks of per-layer costs without 17 GB of random weights.
+    "zaya1-8b-4l": ZayaConfig(num_layers=4),
     "zaya1-base": ZayaConfig(rope_theta=1e6, max_position_embeddings=32768, eos_token_id=1, router_norm_eps=1e-6),
     # Test sizes: every term of the forward pass present, small enough for CPU tests.
     "tiny": ZayaConfig(vocab_size=512, hidden_size=64, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=16,
