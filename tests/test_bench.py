@@ -29,8 +29,8 @@ def test_forward_smoke(tmp_path):
     assert "machine:" in md and "t(T)/t(1)" in md
     # the roofline comparison consumes these rows
     cmp = roofline.cpu_comparison(res["ratio"], roofline.Hardware("cpu", 1e10, 1e11, overhead=1e-5))
-    assert [r["T"] for r in cmp] == [1, 4] and cmp[0]["pred_ratio"] == pytest.approx(1.0)
-    assert {"measured_ratio", "pred_ratio", "pure_ratio", "ideal_ratio", "bound"} <= set(cmp[1])
+    assert [r["T"] for r in cmp] == [1, 4] and cmp[0]["pure_ratio"] == pytest.approx(1.0)
+    assert {"measured_ratio", "pure_ratio", "ideal_ratio", "pure_bound", "achieved_gb_s"} <= set(cmp[1])
 
 
 def test_decode_smoke(tmp_path):

@@ -140,3 +140,25 @@ def test_fits_flags_oversized_configs():
     assert R.fits(Z8, H100, 1, 4096)
     assert not R.fits(Z8, H100, 256, 131072)
     assert R.fits(Z8, R.HARDWARE["MI355X"], 16, 131072) and not R.fits(Z8, H100, 16, 131072)
+
+
+def test_fit_efficiency_recovers_a_roofline():
+    W, F, o = 5e9, 2e10, 3e-4
+    b = np.array([4e8, 4.1e8, 4.3e8, 5e8, 7e8])
+    f = np.array([2e8, 8e8, 3.2e9, 1.3e10, 5e10])
+    t = o + np.maximum(b / W, f / F)
+    got = R.fit_efficiency(b, f, t)
+    assert got[:3] == pytest.approx((W, F, o), rel=1e-3) and got[3] < 1e-6
+    W2, F2, o2, err = R.fit_efficiency(b, f, t, max_bandwidth=1e9)  # bounded below the truth: worse fit
+    assert W2 <= 1e9 * (1 + 1e-9) and err > 1e-3
+
+
+def test_cpu_comparison_rows():
+    rows = [{"preset": "tiny", "batch": 1, "cache_len": 8, "cache_slots": 40, "T": T, "ms": 0.5 + 0.01 * T,
+             "ratio": (0.5 + 0.01 * T) / 0.51, "dtype": "float32"} for T in (1, 4, 16, 32)]
+    out = R.cpu_comparison(rows, R.Hardware("cpu", 1e10, 1e11, overhead=1e-5))
+    assert [r["T"] for r in out] == [1, 4, 16, 32]
+    assert out[0]["pure_ratio"] == pytest.approx(1.0) and out[0]["fit_ratio"] == pytest.approx(1.0)
+    assert all(r["fit_ratio"] == pytest.approx(r["measured_ratio"], rel=0.3) for r in out)
+    # more tokens never move fewer bytes or FLOPs
+    assert all(a["mbytes"] <= b["mbytes"] and a["gflops"] < b["gflops"] for a, b in zip(out, out[1:]))

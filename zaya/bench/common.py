@@ -133,6 +133,26 @@ def time_compiled(fn, *args, repeats: int = 5, warmup: int = 1, min_seconds: flo
             "times": times}
 
 
+def time_interleaved(calls: list, repeats: int = 5, min_seconds: float = 0.0, max_rounds: int = 300) -> list[dict]:
+    """Like ``time_compiled`` for several (fn, args) at once, timed round-robin (one call of each per round), so
+    that load from other processes hits every candidate alike; medians per candidate. Warm-up calls excluded."""
+    import jax
+    for fn, args in calls:
+        jax.block_until_ready(fn(*args))
+    times = [[] for _ in calls]
+    total, rounds = 0.0, 0
+    while rounds < repeats or (total < min_seconds and rounds < max_rounds):
+        for i, (fn, args) in enumerate(calls):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            dt = time.perf_counter() - t0
+            times[i].append(dt)
+            total += dt
+        rounds += 1
+    return [{"median": statistics.median(t), "min": min(t), "max": max(t), "repeats": len(t), "times": t}
+            for t in times]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Tables and files.
 

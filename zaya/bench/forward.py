@@ -69,15 +69,15 @@ def cost_ratio(model, cache_len: int, widths=RATIO_T, batch: int = 1, repeats=5,
     cache = init_cache(cfg, batch, S)
     cache = cache.replace(length=jnp.full((batch,), cache_len, jnp.int32))
     f = _apply_fn(cfg, True)
-    rows = []
-    for T in widths:
-        t = common.time_compiled(f, model.params, _tokens(cfg, batch, T), cache, repeats=repeats,
-                                min_seconds=min_seconds)
-        rows.append({"batch": batch, "cache_len": cache_len, "cache_slots": S, "T": T, "ms": 1e3 * t["median"],
-                     "ms_min": 1e3 * t["min"], "repeats": t["repeats"]})
-    t1 = next(r["ms"] for r in rows if r["T"] == min(widths))
+    # all widths timed round-robin: background load shifts every width alike, so the ratios stay comparable
+    ts = common.time_interleaved([(f, (model.params, _tokens(cfg, batch, T), cache)) for T in widths], repeats,
+                                 min_seconds)
+    rows = [{"batch": batch, "cache_len": cache_len, "cache_slots": S, "T": T, "ms": 1e3 * t["median"],
+             "ms_min": 1e3 * t["min"], "repeats": t["repeats"]} for T, t in zip(widths, ts)]
+    t1 = next(r for r in rows if r["T"] == min(widths))
     for r in rows:
-        r["ratio"] = r["ms"] / t1
+        r["ratio"] = r["ms"] / t1["ms"]
+        r["ratio_min"] = r["ms_min"] / t1["ms_min"]
         r["ms_per_token"] = r["ms"] / (r["T"] * batch)
     return rows
 
@@ -99,14 +99,15 @@ def run(presets=("tiny", "small-100m"), out: str | None = None, quick: bool = Fa
         thr = [dict(preset=name, dtype=model.config.dtype, **r)
                for r in throughput(model, batches, seqs, repeats, 0.0 if quick else 0.5)]
         rat = [dict(preset=name, dtype=model.config.dtype, **r)
-               for r in cost_ratio(model, C, widths, 1, repeats, 0.0 if quick else 0.3)]
+               for r in cost_ratio(model, C, widths, 1, repeats if quick else 7, 0.0 if quick else 3.0)]
         res["throughput"] += thr
         res["ratio"] += rat
         parts += [f"### {name} ({common.config_summary(model.config)})", "",
-                  common.md_table(thr, ["batch", "seq", ("ms", "ms (median)", ".1f"),
-                                        ("tokens_per_s", "tokens/s", ".0f"), "repeats"],
+                  common.md_table(thr, ["batch", "seq", ("ms", "ms (median)", ".1f"), ("ms_min", "ms (min)", ".1f"),
+                                        ("tokens_per_s", "tokens/s (median)", ".0f"), "repeats"],
                                   "full causal forward (no cache)"), "",
                   common.md_table(rat, ["T", "cache_len", ("ms", "ms (median)", ".2f"), ("ratio", "t(T)/t(1)", ".2f"),
+                                        ("ms_min", "ms (min)", ".2f"), ("ratio_min", "ratio of mins", ".2f"),
                                         ("ms_per_token", "ms per new token", ".3f"), "repeats"],
                                   f"forward-cost ratio (batch 1, cache length {C}, {C + max(widths)} slots)"), ""]
         del model

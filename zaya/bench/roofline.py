@@ -175,10 +175,13 @@ def expected_distinct_experts(E: int, n_tokens: float) -> float:
 # One forward.
 
 def forward_cost(c: ZayaConfig, hw: Hardware, batch: int, T: int, context: int, moe: str = "distinct",
-                 chunk_keys: str = "dense", kv_dtype: str | None = None, logits: bool = True) -> dict:
+                 chunk_keys: str = "dense", kv_dtype: str | None = None, logits: bool = True,
+                 materialized_scores: bool = False) -> dict:
     """Bytes, FLOPs and time of one forward of ``T`` new tokens per row for ``batch`` rows after ``context`` cached
     tokens. moe: 'distinct' (only the experts hit) or 'dense' (every expert on every token). chunk_keys: 'dense'
-    (each new token scores all T chunk keys, as a masked dense chunk) or 'causal' (T/2 on average)."""
+    (each new token scores all T chunk keys, as a masked dense chunk) or 'causal' (T/2 on average).
+    materialized_scores: the fp32 score and probability matrices go through memory (the reference attention;
+    16 bytes per score: two writes and two reads), instead of staying on chip (flash-style kernels)."""
     z = sizes(c, kv_dtype)
     N = batch * T
     E = c.num_experts
@@ -193,8 +196,10 @@ def forward_cost(c: ZayaConfig, hw: Hardware, batch: int, T: int, context: int, 
     act_tok = z.act_per_token - (0 if logits else c.vocab_size * 4)
     if moe == "dense":  # the dense lowering materialises [E, N, D] inputs and [E, N, 3F] hidden states
         act_tok += c.num_layers * (E - 1) * (c.hidden_size + 3 * c.moe_intermediate_size) * _itemsize(c.dtype)
-    written = N * (z.new_state_per_token + act_tok)
     keys = context + (T if chunk_keys == "dense" else (T + 1) / 2)
+    if materialized_scores:
+        act_tok += c.num_layers * c.num_q_heads * keys * 16
+    written = N * (z.new_state_per_token + act_tok)
     flops_mm = 2.0 * N * (z.matmul_params_per_token + experts_per_token * z.expert_params)
     flops_attn = 4.0 * N * c.num_layers * c.num_q_heads * c.head_dim * keys
     nbytes = weights + kv + written
@@ -288,18 +293,34 @@ def fits(c: ZayaConfig, hw: Hardware, batch: int, context: int, slack_tokens: in
     return weights + batch * (context + slack_tokens) * z.kv_per_token <= hw.memory
 
 
-def knee_tokens(c: ZayaConfig, hw: Hardware, context: int = 0, moe: str = "distinct") -> int:
-    """Smallest number of tokens in one forward (batch 1 x T) at which the forward becomes compute-bound."""
+def knee_tokens(c: ZayaConfig, hw: Hardware, context: int = 0, moe: str = "distinct", batch: int = 1) -> int:
+    """Smallest number of new tokens per row (``batch`` rows) at which one forward becomes compute-bound."""
+    bound = lambda T: forward_cost(c, hw, batch, T, context, moe=moe)["bound"]
     lo, hi = 1, 1 << 22
-    if forward_cost(c, hw, 1, hi, context, moe=moe)["bound"] == "memory":
+    if bound(hi) == "memory":
         return hi
     while lo < hi:
         mid = (lo + hi) // 2
-        if forward_cost(c, hw, 1, mid, context, moe=moe)["bound"] == "compute":
+        if bound(mid) == "compute":
             hi = mid
         else:
             lo = mid + 1
     return lo
+
+
+def knee_table(hardware=("H100", "H200", "MI300X", "MI355X"), batches=(1, 16, 64), contexts=(4096, 32768, 131072)):
+    """ZAYA1-8B bf16: query tokens per row at which one forward turns compute-bound."""
+    from zaya.config import preset
+    c = preset("zaya1-8b", dtype="bfloat16")
+    rows = []
+    for hn in hardware:
+        hw = HARDWARE[hn]
+        r = {"hw": hn, "ridge": hw.ridge}
+        for L in contexts:
+            for B in batches:
+                r[f"{L // 1024}k B={B}"] = knee_tokens(c, hw, L, batch=B)
+        rows.append(r)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,66 +365,120 @@ def zaya8b_markdown(rows, layouts=LAYOUTS_8B) -> str:
     return "\n".join(lines)
 
 
+def sensitivity(hw_name: str = "MI355X", batch: int = 16, context: int = 131072, betas=(0.7, 0.8, 0.85, 0.9, 0.95),
+                overheads=(0.0, GPU_OVERHEAD, 1e-3), layouts=LAYOUTS_8B) -> list[dict]:
+    """ZAYA1-8B speedup bounds at one point for several acceptance rates and fixed overheads."""
+    from zaya.config import preset
+    c = preset("zaya1-8b", dtype="bfloat16")
+    rows = []
+    for ovh in overheads:
+        hw = dataclasses.replace(HARDWARE[hw_name], overhead=ovh)
+        for beta in betas:
+            r = {"hw": hw_name, "context": context, "batch": batch, "overhead_ms": 1e3 * ovh, "beta": beta}
+            for name, smp, lv in layouts:
+                st = step_cost(c, hw, smp, batch, context, 16, lv, beta)
+                r[name] = st["speedup"]
+                r[name + " tok/step"] = st["tokens_per_step"]
+            rows.append(r)
+    return rows
+
+
+def fit_efficiency(bytes_, flops, seconds, max_bandwidth: float = np.inf, max_flops: float = np.inf
+                   ) -> tuple[float, float, float, float]:
+    """Least-squares fit (on log time) of t = o + max(bytes / W, flops / F) to measurements, with W and F at most
+    the machine's peaks and 0 < o <= the smallest time. Returns (W, F, o, max relative error of the fit)."""
+    from scipy.optimize import least_squares
+    b, f, t = (np.asarray(x, float) for x in (bytes_, flops, seconds))
+    model = lambda x: np.exp(x[2]) + np.maximum(b * np.exp(-x[0]), f * np.exp(-x[1]))
+    hi = np.array([np.log(max_bandwidth), np.log(max_flops), np.log(t.min())])
+    lo = np.array([-np.inf, -np.inf, np.log(t.min()) - 30])
+    x0 = np.minimum(np.log([b[0] / t[0], f[-1] / t[-1], 0.3 * t.min()]), hi - 1e-9)
+    r = least_squares(lambda x: np.log(model(x)) - np.log(t), x0, bounds=(lo, hi))
+    W, F, o = np.exp(r.x)
+    return float(W), float(F), float(o), float(np.abs(model(r.x) / t - 1).max())
+
+
 def cpu_comparison(forward_rows: list[dict], hw: Hardware) -> list[dict]:
     """Predicted vs measured forward-cost ratios (rows from zaya.bench.forward.cost_ratio, with a 'preset' key).
 
-    Two predictions: 'as implemented' (dense MoE lowering on CPU, attention over every allocated cache slot) with
-    the fixed overhead calibrated so that T=1 matches, and the same without overhead (pure roofline)."""
+    Bytes and FLOPs 'as implemented' on CPU: every expert on every token (jax lowers ragged_dot densely on CPU),
+    the reference attention over every allocated cache slot with its scores in memory. Three predictions:
+      pure_ratio    the roofline at this machine's measured peaks (copy bandwidth, large-matmul FLOP/s, empty-call
+                    overhead);
+      fit_ratio     the same max() roofline with bandwidth, FLOP/s and overhead fitted to the preset's measured
+                    times (fit_* columns: the efficiencies XLA:CPU reaches on these shapes);
+      ideal_ratio   ideal kernels at the measured peaks (only the experts hit, context = cache length, scores on
+                    chip, no overhead)."""
     from zaya.config import preset
     out = []
     for name in dict.fromkeys(r["preset"] for r in forward_rows):
         rr = sorted((r for r in forward_rows if r["preset"] == name), key=lambda r: r["T"])
         c = preset(name, dtype=rr[0].get("dtype", "float32"))
-        ctx = rr[0]["cache_slots"]
-        B = rr[0]["batch"]
-        pred = {r["T"]: forward_cost(c, dataclasses.replace(hw, overhead=0.0), B, r["T"], ctx, moe="dense")
-                for r in rr}
-        ideal = {r["T"]: forward_cost(c, dataclasses.replace(hw, overhead=0.0), B, r["T"], rr[0]["cache_len"])
-                 for r in rr}
-        t1_meas = rr[0]["ms"] / 1e3
-        ovh = max(0.0, t1_meas - pred[rr[0]["T"]]["seconds"])
-        for r in rr:
-            p = pred[r["T"]]
-            t_cal = p["seconds"] + ovh
-            out.append({"preset": name, "T": r["T"], "measured_ms": r["ms"], "measured_ratio": r["ratio"],
-                        "roofline_ms": 1e3 * p["seconds"], "bound": p["bound"],
-                        "pred_ms": 1e3 * t_cal, "pred_ratio": t_cal / (pred[rr[0]["T"]]["seconds"] + ovh),
-                        "pure_ratio": p["seconds"] / pred[rr[0]["T"]]["seconds"],
-                        "ideal_ratio": ideal[r["T"]]["seconds"] / ideal[rr[0]["T"]]["seconds"],
-                        "overhead_ms": 1e3 * ovh, "mbytes": p["bytes"] / 1e6, "mflops": p["flops"] / 1e6})
+        ctx, B = rr[0]["cache_slots"], rr[0]["batch"]
+        pure = [forward_cost(c, hw, B, r["T"], ctx, moe="dense", materialized_scores=True) for r in rr]
+        nohw = dataclasses.replace(hw, overhead=0.0)
+        ideal = [forward_cost(c, nohw, B, r["T"], rr[0]["cache_len"]) for r in rr]
+        meas = [r["ms"] / 1e3 for r in rr]
+        fit = None
+        if len(rr) >= 3:
+            W, F, o, err = fit_efficiency([p["bytes"] for p in pure], [p["flops"] for p in pure], meas,
+                                          hw.bandwidth, hw.peak_flops)
+            fhw = Hardware("fit", W, F, overhead=o)
+            fit = [forward_cost(c, fhw, B, r["T"], ctx, moe="dense", materialized_scores=True) for r in rr]
+        for i, r in enumerate(rr):
+            p = pure[i]
+            row = {"preset": name, "T": r["T"], "measured_ms": r["ms"], "measured_ratio": r["ratio"],
+                   "measured_ratio_min": r.get("ratio_min"), "mbytes": p["bytes"] / 1e6, "gflops": p["flops"] / 1e9,
+                   "pure_ms": 1e3 * p["seconds"], "pure_ratio": p["seconds"] / pure[0]["seconds"],
+                   "pure_bound": p["bound"], "ideal_ratio": ideal[i]["seconds"] / ideal[0]["seconds"],
+                   "achieved_gb_s": p["bytes"] / meas[i] / 1e9, "achieved_gflop_s": p["flops"] / meas[i] / 1e9}
+            if fit is not None:
+                row.update(fit_ms=1e3 * fit[i]["seconds"], fit_ratio=fit[i]["seconds"] / fit[0]["seconds"],
+                           fit_bound=fit[i]["bound"], fit_gb_s=W / 1e9, fit_gflop_s=F / 1e9, fit_overhead_ms=1e3 * o,
+                           fit_max_rel_err=err)
+            out.append(row)
     return out
 
 
 def plot_speedup_vs_batch(out: str, beta: float = 0.85, contexts=(4096, 32768, 131072),
                           batches=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> str | None:
+    """Speedup bound vs batch: one panel per (context, accelerator), one line per layout; hollow markers where
+    the weights and KV cache do not fit in one device's memory."""
     from zaya.bench.common import pyplot
     plt = pyplot()
     if plt is None:
         return None
     from zaya.config import preset
     c = preset("zaya1-8b", dtype="bfloat16")
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharey=True)
-    styles = {4096: "-", 32768: "--", 131072: ":"}
-    colors = {"TF K=16": "C0", "SF 0,4,7,11": "C1", "SF dense": "C2", "TiDAR b=16": "C3"}
-    for ax, hn in zip(axes, ("H100", "H200", "MI300X", "MI355X")):
-        hw = HARDWARE[hn]
-        for L in contexts:
-            for name, s, lv in LAYOUTS_8B:
-                bs = [b for b in batches if fits(c, hw, b, L)]
-                ys = [step_cost(c, hw, s, b, L, 16, lv, beta)["speedup"] for b in bs]
-                ax.plot(bs, ys, styles[L], color=colors[name], marker="o", ms=2.5,
-                        label=f"{name}, {L // 1024}k" if hn == "H100" else None)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_title(f"{hn} (bf16)")
-        ax.set_xlabel("batch")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"speedup bound over AR (beta={beta}, K=16)")
-    fig.legend(loc="lower center", ncol=6, fontsize=7)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    accs = ("H100", "H200", "MI300X", "MI355X")
+    fig, axes = plt.subplots(len(contexts), len(accs), figsize=(4 * len(accs), 3.2 * len(contexts)), sharex=True,
+                             sharey=True, squeeze=False)
+    for i, L in enumerate(contexts):
+        for j, hn in enumerate(accs):
+            ax, hw = axes[i, j], HARDWARE[hn]
+            for k, (name, s, lv) in enumerate(LAYOUTS_8B):
+                ys = [step_cost(c, hw, s, b, L, 16, lv, beta)["speedup"] for b in batches]
+                ok = [fits(c, hw, b, L) for b in batches]
+                ax.plot(batches, ys, "-", color=f"C{k}", label=name if (i, j) == (0, 0) else None)
+                ax.scatter([b for b, o in zip(batches, ok) if o], [y for y, o in zip(ys, ok) if o], s=12,
+                           color=f"C{k}")
+                ax.scatter([b for b, o in zip(batches, ok) if not o], [y for y, o in zip(ys, ok) if not o], s=12,
+                           facecolors="none", edgecolors=f"C{k}")
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{hn}, context {L // 1024}k", fontsize=9)
+            if i == len(contexts) - 1:
+                ax.set_xlabel("batch")
+            if j == 0:
+                ax.set_ylabel("speedup bound over AR")
+    fig.suptitle(f"ZAYA1-8B bf16, K=16, i.i.d. acceptance beta={beta} (hollow: does not fit in device memory)",
+                 fontsize=10)
+    fig.legend(loc="lower center", ncol=len(LAYOUTS_8B), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     p = os.path.join(out, "roofline_speedup_vs_batch.png")
-    fig.savefig(p, dpi=120)
+    fig.savefig(p, dpi=110)
     plt.close(fig)
     return p
 
@@ -437,18 +512,36 @@ def run(out: str | None = None, forward_json: str | None = None, beta: float = 0
              f"fp32 matmul, {1e6 * cpu.overhead:.0f} µs empty jitted call; ridge {cpu.ridge:.1f} FLOP/byte", "",
              common.md_table(cmp_rows, ["preset", "T", ("measured_ms", "measured ms", ".2f"),
                                         ("measured_ratio", "measured t(T)/t(1)", ".2f"),
-                                        ("pred_ratio", "predicted (calibrated)", ".2f"),
-                                        ("pure_ratio", "pure roofline", ".2f"),
-                                        ("ideal_ratio", "ideal kernels", ".2f"),
-                                        ("pred_ms", "predicted ms", ".2f"), "bound",
-                                        ("overhead_ms", "overhead ms", ".2f")],
+                                        ("measured_ratio_min", "ratio of min times", ".2f"),
+                                        ("pure_ratio", "roofline at peaks", ".2f"), ("pure_bound", "bound"),
+                                        ("fit_ratio", "roofline, fitted efficiencies", ".2f"),
+                                        ("fit_ms", "fitted ms", ".2f"), ("ideal_ratio", "ideal kernels", ".2f"),
+                                        ("mbytes", "MB moved", ".1f"), ("gflops", "GFLOP", ".3f"),
+                                        ("achieved_gb_s", "achieved GB/s", ".1f"),
+                                        ("achieved_gflop_s", "achieved GFLOP/s", ".1f")],
                              "forward-cost ratio on this CPU: predicted vs measured"), "",
-             f"### ZAYA1-8B bf16, speedup bound over AR (beta={beta}, K=16)", "", zaya8b_markdown(rows)]
+             "", "fitted efficiencies (t = overhead + max(bytes / W, FLOPs / F), least squares on log time): " +
+             "; ".join(f"{r['preset']}: W = {r['fit_gb_s']:.1f} GB/s, F = {r['fit_gflop_s']:.1f} GFLOP/s, "
+                       f"overhead = {r['fit_overhead_ms']:.2f} ms (largest error {100 * r['fit_max_rel_err']:.0f}%)"
+                       for r in cmp_rows
+                       if "fit_gb_s" in r and r["T"] == min(x["T"] for x in cmp_rows if x["preset"] == r["preset"])),
+             "", f"### ZAYA1-8B bf16, speedup bound over AR (beta={beta}, K=16)", "", zaya8b_markdown(rows), ""]
+    knees = knee_table()
+    parts += [common.md_table(knees, [("hw", "accel"), ("ridge", "ridge FLOP/B", ".0f")] + list(knees[0])[2:],
+                              "ZAYA1-8B: query tokens per row at which one forward turns compute-bound"), ""]
+    sens = []
+    for hn, B, L in (("H100", 1, 4096), ("H100", 16, 32768), ("MI355X", 16, 131072)):
+        sens += sensitivity(hn, B, L, betas=(0.85,) if quick else (0.7, 0.85, 0.95))
+    cols = ["hw", "context", "batch", ("overhead_ms", "overhead ms", ".1f"), "beta"] + \
+        [(n, n, ".2f") for n, _, _ in LAYOUTS_8B]
+    parts += [common.md_table(sens, cols, "sensitivity: acceptance beta and fixed per-forward overhead"), ""]
     md = "\n".join(parts)
     print(md)
-    res = {"machine": m, "cpu": dataclasses.asdict(cpu), "comparison": cmp_rows, "zaya8b": rows}
+    res = {"machine": m, "cpu": dataclasses.asdict(cpu), "comparison": cmp_rows, "zaya8b": rows, "knees": knees,
+           "sensitivity": sens}
     if out:
-        common.write_outputs(out, "roofline", md, res, {"cpu": cmp_rows, "zaya8b": rows})
+        common.write_outputs(out, "roofline", md, res, {"cpu": cmp_rows, "zaya8b": rows, "knees": knees,
+                                                        "sensitivity": sens})
         plot_speedup_vs_batch(out, beta)
     return res
 

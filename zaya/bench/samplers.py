@@ -127,8 +127,9 @@ def _opts(cfg: dict) -> dict:
     o = dict(block_size=cfg["block_size"], acceptance=cfg.get("acceptance", "greedy"))
     if cfg.get("levels") is not None:
         o["levels"] = tuple(cfg["levels"])
-    if cfg.get("mix_weight") is not None:
-        o["mix_weight"] = cfg["mix_weight"]
+    for k in ("mix_weight", "anchor", "draft_temperature", "block_causal"):
+        if cfg.get(k) is not None:
+            o[k] = cfg[k]
     return o
 
 
@@ -239,7 +240,7 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
     ])
 
 
-def plot(rows, out):
+def plot(rows, out, min_reached: int = 5):
     plt = common.pyplot()
     if plt is None or not rows:
         return
@@ -249,12 +250,16 @@ def plot(rows, out):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in sel:
         name = f"{r['config']} {r['acceptance']} B={r['batch']}"
-        a1.plot(range(1, len(r["acceptance_per_position"]) + 1), r["acceptance_per_position"], "o-", ms=3, label=name)
-        h = np.asarray(r["tokens_per_step_hist"], float)
-        a2.plot(range(len(h)), h / max(h.sum(), 1), "o-", ms=3, label=name)
-    a1.set_xlabel("draft position k")
+        h = np.asarray(r["tokens_per_step_hist"], float)  # steps committing c = accepted + 1 tokens
+        acc = np.asarray(r["acceptance_per_position"], float)
+        reached = np.array([h[k:].sum() for k in range(1, len(acc) + 1)])  # steps that verified draft k
+        a1.plot(np.arange(1, len(acc) + 1), np.where(reached >= min_reached, acc, np.nan), "o-", ms=3, label=name)
+        a2.plot(range(len(h)), np.where(h > 0, h / max(h.sum(), 1), np.nan), "o-", ms=3, label=name)
+    a1.set_xlabel(f"draft position k (shown where >= {min_reached} steps reached it)")
     a1.set_ylabel("P(accept k | first k-1 accepted)")
+    a2.set_yscale("log")
     a1.set_ylim(-0.02, 1.02)
+    a1.set_xlim(0.5, Kmax + 0.5)
     a1.set_title(f"acceptance per position (K={Kmax})")
     a2.set_xlabel("tokens committed per step")
     a2.set_ylabel("fraction of steps")
