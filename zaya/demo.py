@@ -86,6 +86,11 @@ def main(args):
     return {"eval": ev, "samplers": rows}
 
 
+def _first(r) -> float:
+    acc = r.get("diff_acc_per_pos") or [float("nan")]
+    return float(acc[0])
+
+
 def summary(sa, sb, ev, rows, t_train, t_total) -> str:
     m, b = ev["model"], ev.get("base", {})
     rel = (m["ar_loss"] - b["ar_loss"]) / b["ar_loss"] * 100 if b else float("nan")
@@ -98,7 +103,10 @@ def summary(sa, sb, ev, rows, t_train, t_total) -> str:
              f"| task exact match (greedy AR) | {b.get('task_em', float('nan')):.3f} | {m['task_em']:.3f} |",
              f"| diffusion loss | {b.get('diff_loss', float('nan')):.4f} | {m.get('diff_loss', float('nan')):.4f} |",
              f"| first-slot agrees with AR | {b.get('first_slot_agree', float('nan')):.3f} | "
-             f"{m.get('first_slot_agree', float('nan')):.3f} |", "",
+             f"{m.get('first_slot_agree', float('nan')):.3f} |",
+             f"| AR top-1 accuracy (next token) | {b.get('ar_acc', float('nan')):.3f} | "
+             f"{m.get('ar_acc', float('nan')):.3f} |",
+             f"| diffusion accuracy, first block position | {_first(b):.3f} | {_first(m):.3f} |", "",
              "Diffusion accuracy per block position (converted model): " +
              ", ".join(f"{x:.2f}" for x in m.get("diff_acc_per_pos", [])), "",
              "| sampler | batch | tokens/forward | tokens/step | speedup vs AR (wall) | same tokens as AR |",
