@@ -398,11 +398,13 @@ def fit_efficiency(bytes_, flops, seconds, max_bandwidth: float = np.inf, max_fl
     return float(W), float(F), float(o), float(np.abs(model(r.x) / t - 1).max())
 
 
-def cpu_comparison(forward_rows: list[dict], hw: Hardware) -> list[dict]:
+def cpu_comparison(forward_rows: list[dict], hw: Hardware, moe: str = "dense",
+                   materialized_scores: bool = True) -> list[dict]:
     """Predicted vs measured forward-cost ratios (rows from zaya.bench.forward.cost_ratio, with a 'preset' key).
 
-    Bytes and FLOPs 'as implemented' on CPU: every expert on every token (jax lowers ragged_dot densely on CPU),
-    the reference attention over every allocated cache slot with its scores in memory. Three predictions:
+    Bytes and FLOPs 'as implemented' (defaults: CPU): every expert on every token (moe='dense': jax lowers
+    ragged_dot densely on CPU; use moe='distinct' for accelerators), the reference attention over every allocated
+    cache slot with its scores in memory. Three predictions:
       pure_ratio    the roofline at this machine's measured peaks (copy bandwidth, large-matmul FLOP/s, empty-call
                     overhead);
       fit_ratio     the same max() roofline with bandwidth, FLOP/s and overhead fitted to the preset's measured
@@ -415,7 +417,7 @@ def cpu_comparison(forward_rows: list[dict], hw: Hardware) -> list[dict]:
         rr = sorted((r for r in forward_rows if r["preset"] == name), key=lambda r: r["T"])
         c = preset(name, dtype=rr[0].get("dtype", "float32"))
         ctx, B = rr[0]["cache_slots"], rr[0]["batch"]
-        pure = [forward_cost(c, hw, B, r["T"], ctx, moe="dense", materialized_scores=True) for r in rr]
+        pure = [forward_cost(c, hw, B, r["T"], ctx, moe=moe, materialized_scores=materialized_scores) for r in rr]
         nohw = dataclasses.replace(hw, overhead=0.0)
         ideal = [forward_cost(c, nohw, B, r["T"], rr[0]["cache_len"]) for r in rr]
         meas = [r["ms"] / 1e3 for r in rr]
@@ -424,7 +426,8 @@ def cpu_comparison(forward_rows: list[dict], hw: Hardware) -> list[dict]:
             W, F, o, err = fit_efficiency([p["bytes"] for p in pure], [p["flops"] for p in pure], meas,
                                           hw.bandwidth, hw.peak_flops)
             fhw = Hardware("fit", W, F, overhead=o)
-            fit = [forward_cost(c, fhw, B, r["T"], ctx, moe="dense", materialized_scores=True) for r in rr]
+            fit = [forward_cost(c, fhw, B, r["T"], ctx, moe=moe, materialized_scores=materialized_scores)
+                   for r in rr]
         for i, r in enumerate(rr):
             p = pure[i]
             row = {"preset": name, "T": r["T"], "measured_ms": r["ms"], "measured_ratio": r["ratio"],

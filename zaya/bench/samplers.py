@@ -174,6 +174,8 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
         "ar_ms_per_step": 1e3 * ar_sec / max(ar_ref.stats["steps"], 1),
         "tokens_per_s": st["tokens"] / sec, "ar_tokens_per_s": ar_ref.stats["tokens"] / ar_sec,
         "speedup": ar_sec / sec, "speedup_e2e": ar_e2e / e2e,
+        # tokens/step at which this layout's step would match AR's time per token on this machine
+        "breakeven_tokens_per_step": (sec / max(st["steps"], 1)) / (ar_sec / max(ar_ref.stats["steps"], 1)),
         "equal_ar": all(equal_rows), "rows_equal_ar": float(np.mean(equal_rows)),
         "seconds_all": s_s, "ar_seconds_all": ar_s, "repeats": repeats,
     }
@@ -185,7 +187,8 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
 COLUMNS = ["config", "acceptance", "batch", ("tokens_per_forward", "tok/fwd", ".2f"),
            ("tokens_per_step", "tok/step", ".2f"), ("useful_slot_fraction", "useful slots", ".3f"),
            ("query_tokens_per_step", "query tok/step/row"), ("ms_per_step", "ms/step", ".2f"),
-           ("ar_ms_per_step", "AR ms/step", ".2f"), ("speedup", "speedup (decode)", ".2f"),
+           ("ar_ms_per_step", "AR ms/step", ".2f"), ("breakeven_tokens_per_step", "break-even tok/step", ".1f"),
+           ("speedup", "speedup (decode)", ".2f"),
            ("speedup_e2e", "speedup (+prefill)", ".2f"), ("equal_ar", "= AR")]
 
 
@@ -231,7 +234,8 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
         "interleaved runs (AR, config) after a warm-up; compile excluded", "",
         common.md_table(rows, COLUMNS), "",
         "tok/fwd: committed tokens per forward per row (init forwards included); tok/step: per sampler step "
-        "(TF = 2 forwards); useful slots: committed tokens / query tokens computed; speedup (decode): AR decode-loop "
+        "(TF = 2 forwards); useful slots: committed tokens / query tokens computed; break-even tok/step: ms/step / AR "
+        "ms/step, the tokens per step this layout needs to match AR on this machine; speedup (decode): AR decode-loop "
         "seconds / config decode-loop seconds; (+prefill) adds the prefill and the samplers' initial drafting "
         "forward; = AR: every row's tokens equal AR's (greedy lossless check).", "",
         common.md_table(acc_rows, ["config", "acceptance", "batch", ("per_position", "acceptance per draft position"),
