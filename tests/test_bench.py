@@ -63,12 +63,15 @@ def test_samplers_grid_and_prompts():
     g = samplers.default_grid()
     assert {c["sampler"] for c in g} == {"two_forward", "single_forward", "tidar"}
     assert {c["batch"] for c in g} == {1, 8} and {c["block_size"] for c in g} == {4, 8, 16}
+    assert all(c.get("anchor") == "mask" for c in samplers.default_grid(anchor="mask") if c["sampler"] == "two_forward")
+    assert samplers.label(dict(sampler="two_forward", block_size=15, anchor="mask")) == "TF K=15 mask-anchor"
     assert samplers.sparse_levels(16) == (0, 4, 7, 11)
     assert all(samplers.sparse_levels(k)[0] == 0 and max(samplers.sparse_levels(k)) <= k for k in range(1, 33))
     import zaya
     c = zaya.preset("tiny").replace(vocab_size=261)
     p, desc = samplers.make_prompts(c, 3)
     assert "tasks" in desc and len(p) == 3 and all(x[0] == 2 and max(x) < 261 for x in p)
+    assert "tasks" in samplers.make_prompts(c.replace(vocab_size=264), 1)[1]  # byte vocab padded to a multiple of 8
     p, desc = samplers.make_prompts(zaya.preset("tiny"), 2, length=7)
     assert "random" in desc and all(len(x) == 7 for x in p)
 

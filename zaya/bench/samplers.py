@@ -34,13 +34,26 @@ def sparse_levels(K: int) -> tuple[int, ...]:
     return tuple(sorted({0} | {min(K, max(1, round(K * f))) for f in (0.25, 0.44, 0.69)}))
 
 
-def default_grid(quick: bool = False, block_sizes=None, batches=None, acceptances=None) -> list[dict]:
+def default_grid(quick: bool = False, block_sizes=None, batches=None, acceptances=None,
+                 anchor: str | None = None) -> list[dict]:
     """The configurations run by default (sized for a few minutes on CPU with the tiny model).
 
     - block-size sweep at batch 1, greedy: TF, SF sparse, SF dense, TiDAR for each block size;
     - acceptance sweep at the largest block size, batch 1: TF and SF sparse with each extra rule;
     - batch sweep at the largest block size, greedy: TF, SF sparse, TiDAR for each extra batch.
+
+    ``anchor`` ('token' or 'mask') sets the two-forward drafting block's first slot (a model converted with
+    all-mask blocks drafts with anchor='mask').
     """
+    grid = _grid(quick, block_sizes, batches, acceptances)
+    if anchor is not None:
+        for c in grid:
+            if c["sampler"] == "two_forward":
+                c["anchor"] = anchor
+    return grid
+
+
+def _grid(quick, block_sizes, batches, acceptances) -> list[dict]:
     if quick:
         K = (block_sizes or (4,))[0]
         return [dict(sampler="two_forward", block_size=K, levels=None, acceptance="greedy", batch=b)
@@ -72,7 +85,7 @@ def default_grid(quick: bool = False, block_sizes=None, batches=None, acceptance
 def label(cfg: dict) -> str:
     K, s = cfg["block_size"], cfg["sampler"]
     if s == "two_forward":
-        return f"TF K={K}"
+        return f"TF K={K}" + (" mask-anchor" if cfg.get("anchor") == "mask" else "")
     if s == "tidar":
         return f"TiDAR b={K}"
     if s == "single_forward":
@@ -105,9 +118,10 @@ def load_model(model_path: str | None = None, preset: str = "tiny", dtype: str |
 
 
 def make_prompts(cfg, n: int, source: str = "auto", seed: int = 0, length: int = 32) -> tuple[list[list[int]], str]:
-    """n prompts: 'tasks' (byte-encoded generated tasks, BOS first), 'random' ids, or 'auto' (tasks iff vocab 261)."""
+    """n prompts: 'tasks' (byte-encoded generated tasks, BOS first), 'random' ids, or 'auto' (tasks when the vocab is
+    the byte tokenizer's 261 ids, possibly padded: 261 <= vocab < 325)."""
     if source == "auto":
-        source = "tasks" if cfg.vocab_size == BYTE_VOCAB else "random"
+        source = "tasks" if BYTE_VOCAB <= cfg.vocab_size < BYTE_VOCAB + 64 else "random"
     if source == "tasks":
         from zaya.data import tasks
         from zaya.data.tokenizer import ByteTokenizer
@@ -195,11 +209,12 @@ COLUMNS = ["config", "acceptance", "batch", ("tokens_per_forward", "tok/fwd", ".
 def run(model_path: str | None = None, out: str | None = None, quick: bool = False, grid: list[dict] | None = None,
         block_sizes=None, batches=None, acceptances=None, prompts: str = "auto", max_new_tokens: int | None = None,
         repeats: int | None = None, preset: str = "tiny", dtype: str | None = None, seed: int = 0,
-        temperature: float = 0.0, compile_cache: bool | str = True, prompt_len: int = 32) -> list[dict]:
+        temperature: float = 0.0, compile_cache: bool | str = True, prompt_len: int = 32,
+        anchor: str | None = None) -> list[dict]:
     """Run the sweep; print the table, write samplers.md/.csv/.json and figures into ``out``; return the rows."""
     if compile_cache:
         common.enable_compile_cache(None if compile_cache is True else compile_cache)
-    grid = grid or default_grid(quick, block_sizes, batches, acceptances)
+    grid = grid or default_grid(quick, block_sizes, batches, acceptances, anchor)
     max_new_tokens = max_new_tokens or (12 if quick else 64)
     repeats = repeats or (1 if quick else 3)
     m = common.machine()
