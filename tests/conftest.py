@@ -11,8 +11,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "zaya_tiny")
-FIXTURES = os.environ.get("ZAYA_FIXTURES", os.path.abspath(FIXTURES))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CANDIDATES = [os.environ.get("ZAYA_FIXTURES", ""),
+               os.path.join(_HERE, "..", "..", "shared", "fixtures", "zaya_tiny"),  # ../shared beside the checkout
+               os.path.join(_HERE, "fixtures", "zaya_tiny")]  # a copy of the shared fixtures, for any checkout
+FIXTURES = next((os.path.abspath(p) for p in _CANDIDATES if p and os.path.isdir(p)), _CANDIDATES[-1])
 
 
 @pytest.fixture(scope="session")
