@@ -54,6 +54,18 @@ def draft_after(params, c, impl, o, state: State, key) -> State:
                          forwards=state.forwards + 1)
 
 
+def cache_slack(opts) -> int:
+    """Cache slots beyond prompt + max_new_tokens: a block committed in the step that reaches the budget."""
+    return 2 * (opts.get("block_size") or DEFAULTS["block_size"]) + 4
+
+
+def start(params, c, impl, o, state: State) -> State:
+    """First token from the prefill logits (the pending token), then one drafting forward after it."""
+    state = first_token(c, o, state)
+    key, sub = jax.random.split(state.key)
+    return draft_after(params, c, impl, o, state.replace(key=key), sub)
+
+
 def first_token(c, o, state: State) -> State:
     """Decide the first new token from the prefill logits (AR) and make it the pending token."""
     key, sub = jax.random.split(state.key)

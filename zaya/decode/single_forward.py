@@ -25,17 +25,14 @@ def levels_of(o) -> tuple[int, ...]:
     return lv
 
 
-def cache_slack(opts) -> int:
-    return 2 * (opts.get("block_size") or 16) + 4
+cache_slack = block.cache_slack
 
 
 def init(params, c, impl, opts, state: State) -> State:
-    """First token from the prefill logits, then one drafting forward (as in the two-forward sampler)."""
+    """As the two-forward sampler: first token from the prefill logits, then one drafting forward."""
     o = block.options(opts)
-    levels_of(o)
-    state = block.first_token(c, o, state)
-    key, sub = jax.random.split(state.key)
-    return block.draft_after(params, c, impl, o, state.replace(key=key), sub)
+    levels_of(o)  # refuse bad levels before any work
+    return block.start(params, c, impl, o, state)
 
 
 def step(params, c, impl, opts, state: State):

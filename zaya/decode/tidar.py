@@ -15,10 +15,10 @@ from zaya.decode import block, layouts
 from zaya.decode.state import State, append
 from zaya.model.cache import commit
 from zaya.model.transformer import apply
+from zaya.tidar.layout import draft_block
 
 
-def cache_slack(opts) -> int:
-    return 2 * (opts.get("block_size") or 16) + 4
+cache_slack = block.cache_slack
 
 
 def init(params, c, impl, opts, state: State) -> State:
@@ -27,7 +27,6 @@ def init(params, c, impl, opts, state: State) -> State:
     b, B = o["block_size"], state.n.shape[0]
     key, sub = jax.random.split(state.key)
     masks = jnp.full((B, b), c.mask_token_id, jnp.int32)
-    from zaya.tidar.layout import draft_block
     z, _, _ = apply(params, c, masks, draft_block(state.cache.length, b, o["block_causal"]), state.cache, impl)
     d, probs = block.draft_tokens(z, sub, o)
     return state.replace(drafts=d, draft_probs=probs, draft_logits=z, key=key, forwards=state.forwards + 1)

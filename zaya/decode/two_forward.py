@@ -15,15 +15,11 @@ from zaya.model.cache import commit
 from zaya.model.transformer import apply
 
 
-def cache_slack(opts) -> int:
-    return 2 * (opts.get("block_size") or 16) + 4
+cache_slack = block.cache_slack
 
 
 def init(params, c, impl, opts, state: State) -> State:
-    o = block.options(opts)
-    state = block.first_token(c, o, state)
-    key, sub = jax.random.split(state.key)
-    return block.draft_after(params, c, impl, o, state.replace(key=key), sub)
+    return block.start(params, c, impl, block.options(opts), state)
 
 
 def step(params, c, impl, opts, state: State):

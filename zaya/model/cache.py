@@ -84,11 +84,3 @@ def layer_view(cache: Cache | None):
     if cache is None:
         return None, None
     return (cache.k, cache.v, cache.xqk, cache.vd), cache.length
-
-
-def bytes_per_token(c: ZayaConfig, window_fraction: float = 1.0) -> int:
-    it = jnp.dtype(c.dtype).itemsize
-    kv = 2 * c.num_kv_heads * c.head_dim
-    ring = c.conv_channels + c.num_kv_heads * c.head_dim // 2
-    return int(c.num_layers * it * (kv + ring * window_fraction))
-
