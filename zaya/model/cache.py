@@ -12,7 +12,6 @@ is in the ring as long as the rollback is at most W - 2 tokens (W = S keeps the 
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import struct
 
