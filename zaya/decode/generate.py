@@ -42,16 +42,14 @@ def _as_rows(prompt_ids):
     return [[int(t) for t in r] for r in rows]
 
 
-_COMPILED: dict = {}
-
-
-def _compiled(fn, args):
-    """AOT-compiled executable of a jitted fn for these argument shapes (cached: repeated calls don't recompile)."""
-    sig = (id(fn), str(jax.tree.structure(args)),
+def _compiled(cache: dict, fn, args):
+    """AOT-compiled executable of a jitted fn for these argument shapes, kept in ``cache`` (one dict per jitted fn
+    set, so it lives and dies with them: no stale entry can serve another config)."""
+    sig = (fn, str(jax.tree.structure(args)),
            tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(args)))
-    if sig not in _COMPILED:
-        _COMPILED[sig] = fn.lower(*args).compile()
-    return _COMPILED[sig]
+    if sig not in cache:
+        cache[sig] = fn.lower(*args).compile()
+    return cache[sig]
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,7 +61,7 @@ def _jitted(sampler: str, cfg, impl, opts_items):
     pre = jax.jit(lambda params, prompt, lengths, cache, key: prefill(params, cfg, impl, prompt, lengths, cache,
                                                                        opts["max_new"], key))
     init_j = None if init is None else jax.jit(lambda params, state: init(params, cfg, impl, opts, state))
-    return pre, init_j, step
+    return pre, init_j, step, {}
 
 
 def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, temperature: float = 0.0,
@@ -89,7 +87,7 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     opts = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id, max_new=max_new_tokens,
                 stop=tuple(tuple(int(t) for t in s) for s in stop) if stop else None, **sampler_opts)
     opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
-    pre, init, step = _jitted(sampler, cfg, impl, tuple(sorted(opts.items())))
+    pre, init, step, compiled = _jitted(sampler, cfg, impl, tuple(sorted(opts.items())))
 
     prompt = np.full((B, Tp), cfg.pad_token_id, np.int32)
     for b, r in enumerate(rows):
@@ -97,14 +95,14 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
     cache = init_cache(cfg, B, Tp + max_new_tokens + slack)
     args = (params, jnp.asarray(prompt), lengths, cache, jax.random.PRNGKey(seed))
-    pre_c = _compiled(pre, args)  # compile outside the timed region
+    pre_c = _compiled(compiled, pre, args)  # compile outside the timed region
     t0 = time.perf_counter()
     state: State = pre_c(*args)
     if init is not None:
         state = init(params, state)
     jax.block_until_ready(state.n)
     prefill_s = time.perf_counter() - t0
-    step_c = _compiled(step, (params, state))
+    step_c = _compiled(compiled, step, (params, state))
     t1 = time.perf_counter()
     infos = []
     bar = tqdm(total=B * max_new_tokens, desc=f"generate[{sampler}]", unit="tok", disable=not progress)
