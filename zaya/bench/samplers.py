@@ -209,7 +209,7 @@ COLUMNS = ["config", "acceptance", "batch", ("tokens_per_forward", "tok/fwd", ".
 def run(model_path: str | None = None, out: str | None = None, quick: bool = False, grid: list[dict] | None = None,
         block_sizes=None, batches=None, acceptances=None, prompts: str = "auto", max_new_tokens: int | None = None,
         repeats: int | None = None, preset: str = "tiny", dtype: str | None = None, seed: int = 0,
-        temperature: float = 0.0, compile_cache: bool | str = True, prompt_len: int = 32,
+        temperature: float = 0.0, compile_cache: bool | str = False, prompt_len: int = 32,
         anchor: str | None = None) -> list[dict]:
     """Run the sweep; print the table, write samplers.md/.csv/.json and figures into ``out``; return the rows."""
     if compile_cache:
