@@ -34,3 +34,11 @@ def randomize(params, key, scale=0.3):
         noise = jax.random.normal(k, x.shape, np.float32) * scale * (np.abs(np.asarray(x, np.float32)).mean() + 0.05)
         out.append((x.astype(np.float32) + noise).astype(x.dtype))
     return jax.tree.unflatten(tree, out)
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compile_cache():
+    """No test may switch the worker onto jax's on-disk compilation cache: both xdist workers would then share
+    /tmp/zaya_bench_xla_cache, and later compiles in that process load executables another process wrote."""
+    yield
+    assert not jax.config.jax_compilation_cache_dir, "a test enabled jax's persistent compilation cache"

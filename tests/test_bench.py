@@ -86,7 +86,8 @@ def test_cli_dispatch(monkeypatch, tmp_path, what):
     monkeypatch.setattr(samplers, "run", lambda *a, **k: calls.append(("samplers", k.get("model_path"),
                                                                       k.get("preset"))) or [])
     monkeypatch.setattr(roofline, "measure_cpu", lambda *a, **k: roofline.Hardware("cpu", 1e10, 1e11))
-    a = argparse.Namespace(what=what, preset=None, out=str(tmp_path / "o"), size_gb=0.01, quick=True)
+    a = argparse.Namespace(what=what, preset=None, out=str(tmp_path / "o"), size_gb=0.01, quick=True,
+                           compile_cache=False)
     cli.main(a)
     want = {"forward": ["forward"], "decode": ["decode"], "convert": ["convert"],
             "samplers": [("samplers", None, "tiny")],
@@ -98,6 +99,7 @@ def test_cli_samplers_model_folder(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(samplers, "run", lambda *a, **k: calls.append((k.get("model_path"), k.get("preset"))) or [])
     monkeypatch.delenv("ZAYA_BENCH_MODEL", raising=False)
-    a = argparse.Namespace(what="samplers", preset=[str(tmp_path)], out=None, size_gb=1.0, quick=True)
+    a = argparse.Namespace(what="samplers", preset=[str(tmp_path)], out=None, size_gb=1.0, quick=True,
+                           compile_cache=False)
     cli.main(a)
     assert calls == [(str(tmp_path), None)]

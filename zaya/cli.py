@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="write the table (Markdown) and figures here")
     b.add_argument("--size-gb", type=float, default=1.0, help="convert: synthetic checkpoint size")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke runs)")
+    b.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="do not use jax's persistent compilation cache ($ZAYA_BENCH_CACHE, default /tmp/zaya_bench_xla_cache)")
     b.set_defaults(fn=_bench)
 
     t = sub.add_parser("train", help="train from an ml-collections config (AR pretraining or TiDAR conversion)")
