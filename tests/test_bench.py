@@ -45,18 +45,36 @@ def test_decode_smoke(tmp_path):
 def test_samplers_smoke(tmp_path):
     grid = [dict(sampler="two_forward", block_size=2, levels=None, acceptance="greedy", batch=2)]
     # batch 2, 4-token prompts, 3 new tokens: the same AR executables as test_decode_smoke (compiled once)
-    rows = samplers.run(out=str(tmp_path), grid=grid, max_new_tokens=3, repeats=1, compile_cache=False, prompt_len=4)
+    # 3 prompts in batches of 2: two generate calls per config, pooled
+    rows = samplers.run(out=str(tmp_path), grid=grid, max_new_tokens=3, repeats=1, compile_cache=False, prompt_len=4,
+                        num_prompts=3)
     (r,) = rows
     for k in ("config", "acceptance", "batch", "tokens_per_forward", "tokens_per_step", "tokens_per_step_hist",
               "acceptance_per_position", "useful_slot_fraction", "speedup", "speedup_e2e", "equal_ar",
               "seconds", "ar_seconds"):
         assert k in r, k
     assert r["equal_ar"] is True  # greedy two-forward is exactly AR
-    assert len(r["acceptance_per_position"]) == 2 and r["batch"] == 2 and r["tokens"] == 6
+    assert len(r["acceptance_per_position"]) == 2 and r["batch"] == 2 and r["prompts"] == 3 and r["tokens"] == 9
     for f in ("samplers.md", "samplers.csv", "samplers.json", "samplers_acceptance.png", "samplers_speedup.png"):
         assert os.path.getsize(tmp_path / f) > 0
     data = json.loads((tmp_path / "samplers.json").read_text())
     assert "RANDOM" in data["model"] and data["rows"][0]["config"] == "TF K=2"
+
+
+def test_pooled_stats_equal_one_run_over_all_rows():
+    """Pooling batch-by-batch results reproduces the counts of the runs (acceptance from raw counts, not averages)."""
+    import zaya
+    m = samplers.common.random_model("tiny", "float32", std=0.3)
+    prompts = [[2, 7, 9, 11], [2, 8, 8], [2, 30, 31, 32, 33]]
+    runs = [zaya.generate(m, [p], sampler="two_forward", block_size=3, max_new_tokens=5) for p in prompts]
+    st = samplers.pooled(runs)
+    assert st["tokens"] == 15 and st["rows"] == 3
+    assert st["forwards"] == sum(r.stats["forwards"] for r in runs)
+    assert st["acceptance_reached"][0] == sum(r.stats["counts"]["row_steps"] for r in runs)
+    acc = sum(r.stats["counts"]["accepted"][0] for r in runs) / sum(r.stats["counts"]["reached"][0] for r in runs)
+    assert st["acceptance_per_position"][0] == pytest.approx(acc)
+    c = [r.stats["counts"] for r in runs]  # the first token of each row comes from the prefill, not a step
+    assert st["tokens_per_step"] == pytest.approx(sum(x["committed"] for x in c) / sum(x["row_steps"] for x in c))
 
 
 def test_samplers_grid_and_prompts():

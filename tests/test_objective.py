@@ -1,4 +1,5 @@
 """The TiDAR objective: loss == a dense-mask reference with a naive per-token loop; every option; jit; gradients."""
+import dataclasses
 import functools
 
 import jax
@@ -21,6 +22,7 @@ CASES = {  # one compiled loss per case, shared by the tests below
     "B": TidarOptions(block_size=4, anchor=True, alpha=2.0),
     "C": TidarOptions(block_size=2, anchor=True, block_causal=True, masking="random", mask_ratio=0.6,
                       doc_masking=False),
+    "D": TidarOptions(block_size=4, block_start="document", prompt_masking=True),
 }
 RNG = jax.random.PRNGKey(11)
 _loss = jax.jit(loss_fn, static_argnums=(1, 3, 5))
@@ -89,7 +91,8 @@ def _dense_case(c, name):
     B = x.shape[0]
     masked = (np.asarray(jax.random.bernoulli(RNG, opts.mask_ratio, (B, S))) if opts.masking == "random"
               else np.ones((B, S), bool))
-    slots, pos, mask = reference_layout(doc, opts.block_size, anchor=opts.anchor, block_causal=opts.block_causal)
+    slots, pos, mask = reference_layout(doc, opts.block_size, anchor=opts.anchor, block_causal=opts.block_causal,
+                                        doc_aligned=opts.anchor or opts.block_start == "document")
     tok = np.array([[x[r, i] if k == "clean" or (k == "mask" and not masked[r, i]) else
                      x[r, i - 1] if k == "anchor" else c.mask_token_id for k, i in slots[r]] for r in range(B)])
     return dict(batch=batch, doc=doc, masked=masked, slots=slots, pos=pos, mask=mask, tok=tok)
@@ -144,7 +147,8 @@ def _naive_loss(opts, d, logits):
                 ar[0] += -logp[r, i, x[r, i + 1]]
                 ar[1] += 1
             if resp[r, i] and masked[r, i]:
-                t, k = slot_of[i], pos[r, i] % b
+                t = slot_of[i]
+                k = i % b if (opts.block_start == "row" and not opts.anchor) else pos[r, i] % b
                 df[0] += w[k] * -logp[r, t, x[r, i]]
                 df[1] += 1
                 hits[k] += pred[r, t] == x[r, i]
@@ -174,11 +178,11 @@ def _check_against_reference(c, name, loss, m):
     assert m["diff_acc_per_pos"].shape == (opts.block_size,)
 
 
-@pytest.mark.parametrize("name", ["A", "B"])
+@pytest.mark.parametrize("name", ["A", "B", "D"])
 def test_loss_matches_dense_reference(model, name):
     """Layout (vs the loop-built [T, T] mask), loss, its two terms and the metrics. Cases A, B and C (in
-    test_jit_eager_and_gradient) together cover block size, alpha, anchor, random masking, position weights,
-    documents on/off, prompt masking and block-causal attention."""
+    test_jit_eager_and_gradient) and D together cover block size, alpha, anchor, random masking, position
+    weights, documents on/off, prompt masking, block-causal attention and row- or document-started blocks."""
     c, p = model
     loss, m = _loss(p, c, batch_main(c), CASES[name], RNG, Impl())
     _check_against_reference(c, name, loss, m)
@@ -228,7 +232,7 @@ def test_random_masking_fraction_and_no_loss_on_clean_copies():
 
 
 def test_position_weights():
-    opts = TidarOptions(block_size=4, position_gamma=0.5)
+    opts = TidarOptions(block_size=4, position_gamma=0.5, block_start="document")
     w = position_weights(opts)
     np.testing.assert_allclose(w, np.array([1, .5, .25, .125]) / np.mean([1, .5, .25, .125]), rtol=1e-6)
     np.testing.assert_allclose(position_weights(TidarOptions(block_size=4)), 1.0)
@@ -237,11 +241,16 @@ def test_position_weights():
     k = np.array([0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1])  # in-block positions restart per document
     np.testing.assert_array_equal(np.asarray(bt["diff_block_pos"])[0], k)
     np.testing.assert_allclose(np.asarray(bt["diff_weights"])[0], w[k], rtol=1e-6)
+    bt = _build(jnp.full((1, 16), 9), doc, None, dataclasses.replace(opts, block_start="row"), 4, None)
+    k = np.arange(16) % 4  # row blocks: in-block position = row index mod b, whatever the document
+    np.testing.assert_array_equal(np.asarray(bt["diff_block_pos"])[0], k)
+    np.testing.assert_allclose(np.asarray(bt["diff_weights"])[0], w[k], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["A", "B"])
+@pytest.mark.parametrize("name", ["D", "B"])
 def test_packed_documents_equal_separate_sequences(model, name):
-    """[doc a | doc b] packed (b starts mid-block) trains exactly like a and b in rows of their own."""
+    """With blocks started at documents (D; anchored B), [doc a | doc b] packed (b starts mid-row-block) trains
+    exactly like a and b in rows of their own."""
     c, p = model
     a, b = 6, 10
     packed = make_batch(c, [[0] * a + [1] * b] * 2)
@@ -296,7 +305,7 @@ def test_ar_eval_is_the_clean_half_loss(model):
 
 def test_diffusion_metrics_on_synthetic_predictions():
     """Accuracy per in-block position and first-slot agreement (diffusion first slot at kb vs AR argmax at kb-1)."""
-    opts = TidarOptions(block_size=4)
+    opts = TidarOptions(block_size=4, block_start="document")
     doc = jnp.array([[0] * 6 + [1] * 10])
     x = jnp.arange(16, dtype=jnp.int32)[None] + 100
     bt = _build(x, doc, None, opts, 4, None)

@@ -196,6 +196,23 @@ def test_training_blocks_equal_decode_drafting(model):
             np.testing.assert_allclose(draft[r], train[r, S + L[r]:S + L[r] + B_], atol=2e-5)
 
 
+def test_row_blocks_start_mid_document_like_decode_drafting(model):
+    """Row blocks (the default): in a packed row, document 1 starts at index 5, so the row block at index 8 starts
+    at its in-document position 3 and equals a drafting block after a cache of that document's first 3 tokens;
+    decoding drafts from wherever the committed text ends, and training sees blocks at every such offset."""
+    c, p = model
+    x = _tokens(c)
+    doc = jnp.asarray([[0] * 5 + [1] * 11] * 2)
+    bt = build(x, doc, None, TidarOptions(block_size=B_), c.mask_token_id)
+    assert bt["layout"].pos[0, S + 8] == 3
+    train = np.asarray(_apply(p, c, bt["inputs"], bt["layout"]))
+    alone = jnp.concatenate([x[:, 5:], x[:, :5]], 1)  # document 1 in a row of its own
+    cache = _prefill(p, c, alone, jnp.array([3, 3]))[1]
+    masks = jnp.full((2, B_), c.mask_token_id, jnp.int32)
+    draft = np.asarray(_draft(p, c, masks, tl.draft_block(jnp.array([3, 3]), B_), cache))
+    np.testing.assert_allclose(draft, train[:, S + 8:S + 8 + B_], atol=2e-5)
+
+
 def test_anchored_blocks_equal_decode_drafting(model):
     """Anchored: [x_{kb-1}, mask x b] after a cache of positions 0..kb-2 == the training block (anchor included)."""
     c, p = model

@@ -7,7 +7,7 @@ layout) x acceptance rule x block size x proposal levels x batch. For every conf
   (committed tokens / query tokens computed), all from ``zaya.generate``'s stats;
 - WALL-CLOCK speedup over ``sampler='ar'`` on the same model, prompts, batch and token budget, measured in the same
   process, interleaved (ar, config, ar, config, ...), medians; compile excluded (``generate`` compiles before its
-  timers) and the persistent XLA cache (``enable_compile_cache``) saves recompiling what configs share;
+  timers); the persistent XLA cache (``enable_compile_cache``, on for the CLI) saves recompiling across runs;
 - whether the generated tokens equal AR's (the greedy lossless check; temperature 0). TiDAR's published layout has
   no bonus token (its block's first token comes from the diffusion slot), so it is not expected to equal AR.
 
@@ -15,7 +15,9 @@ Model: a checkpoint folder (``model_path``; e.g. the demo's converted model) or,
 preset. Acceptance numbers from random weights are MEANINGLESS (the drafter was never trained); only the cost side
 (forwards, query tokens, wall time per step) says anything then. Prompts: the generated task set
 (``zaya.data.tasks``) encoded with the byte tokenizer when the model's vocabulary is the byte vocabulary (261); random
-ids otherwise. Rows never stop at EOS (every row decodes the full budget) so AR and the samplers do the same work.
+ids otherwise. Every configuration decodes the same prompt set (batched by its batch size). With task prompts rows
+stop at EOS, the end of the answer (the greedy lossless samplers commit exactly AR's tokens, so both do the same
+work); with random prompts every row decodes the full budget.
 """
 from __future__ import annotations
 
@@ -117,17 +119,19 @@ def load_model(model_path: str | None = None, preset: str = "tiny", dtype: str |
                "for random weights, only the cost side (forwards, query tokens, time per step) is informative")
 
 
-def make_prompts(cfg, n: int, source: str = "auto", seed: int = 0, length: int = 32) -> tuple[list[list[int]], str]:
-    """n prompts: 'tasks' (byte-encoded generated tasks, BOS first), 'random' ids, or 'auto' (tasks when the vocab is
-    the byte tokenizer's 261 ids, possibly padded: 261 <= vocab < 325)."""
+def make_prompts(cfg, n: int, source: str = "auto", seed: int = 0, length: int = 32,
+                 task_max_len: int = 8) -> tuple[list[list[int]], str]:
+    """n prompts: 'tasks' (byte-encoded generated tasks of the held-out 'val' split, BOS first), 'random' ids, or
+    'auto' (tasks when the vocab is the byte tokenizer's 261 ids, possibly padded: 261 <= vocab < 325)."""
     if source == "auto":
         source = "tasks" if BYTE_VOCAB <= cfg.vocab_size < BYTE_VOCAB + 64 else "random"
     if source == "tasks":
         from zaya.data import tasks
         from zaya.data.tokenizer import ByteTokenizer
         tok = ByteTokenizer()
-        items = tasks.generate(n, seed=seed)
-        return [[tok.bos_id] + tok.encode(t["prompt"]) for t in items], f"{n} generated tasks (seed {seed}), bytes"
+        items = tasks.generate(n, seed=seed, split="val", max_len=task_max_len)
+        return ([[tok.bos_id] + tok.encode(t["prompt"]) for t in items],
+                f"{n} generated tasks (held-out split, seed {seed}, strings up to {task_max_len}), bytes")
     rng = np.random.default_rng(seed)
     hi = min(cfg.vocab_size, 1 << 30)
     return ([[cfg.bos_token_id] + rng.integers(5, hi, length - 1).tolist() for _ in range(n)],
@@ -147,13 +151,40 @@ def _opts(cfg: dict) -> dict:
     return o
 
 
+def pooled(results, query_tokens=None) -> dict:
+    """One stats dict for several ``zaya.generate`` results (consecutive batches of one prompt set): sums of tokens,
+    forwards, steps and seconds; acceptance and tokens/step pooled from the raw counts."""
+    st = [r.stats for r in results]
+    tok, rows = sum(s["tokens"] for s in st), sum(len(r.tokens) for r in results)
+    out = {"tokens": tok, "rows": rows, "forwards": sum(s["forwards"] for s in st), "steps": sum(s["steps"] for s in st),
+           "seconds": sum(s["seconds"] for s in st), "prefill_seconds": sum(s["prefill_seconds"] for s in st),
+           "tokens_per_forward": tok / max(sum(s["forwards"] * len(r.tokens) for s, r in zip(st, results)), 1)}
+    if all("counts" in s for s in st):
+        c = [s["counts"] for s in st]
+        reached = np.sum([x["reached"] for x in c], 0)
+        accepted = np.sum([x["accepted"] for x in c], 0)
+        committed, row_steps = sum(x["committed"] for x in c), sum(x["row_steps"] for x in c)
+        q = st[0]["query_tokens_per_step"]
+        out.update(tokens_per_step=committed / max(row_steps, 1),
+                   tokens_per_step_hist=np.sum([s["tokens_per_step_hist"] for s in st], 0).tolist(),
+                   acceptance_per_position=(accepted / np.maximum(reached, 1)).tolist(),
+                   acceptance_reached=reached.tolist(), query_tokens_per_step=q,
+                   useful_slot_fraction=committed / max(row_steps * q, 1))
+    return out
+
+
 def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, temperature: float = 0.0,
-            ar_cache: dict | None = None) -> dict:
-    """Run ``cfg`` and AR interleaved ``repeats`` times (after one warm-up each); stats and medians."""
+            ar_cache: dict | None = None, eos_id: int | None = None) -> dict:
+    """Run ``cfg`` and AR over all ``prompts`` in batches of ``cfg['batch']`` rows, interleaved ``repeats`` times
+    after one warm-up each; pooled stats and medians of the summed decode seconds."""
     import zaya
-    gen = lambda sampler, **o: zaya.generate(model, prompts, sampler=sampler, max_new_tokens=max_new_tokens,
-                                             temperature=temperature, **o)
-    key = (len(prompts), max_new_tokens, temperature)
+    B = cfg["batch"]
+    batches = [prompts[i:i + B] for i in range(0, len(prompts), B)]
+
+    def gen(sampler, **o):
+        return [zaya.generate(model, p, sampler=sampler, max_new_tokens=max_new_tokens, temperature=temperature,
+                              eos_id=eos_id, **o) for p in batches]
+    key = (len(prompts), B, max_new_tokens, temperature, eos_id)
     ar_cache = {} if ar_cache is None else ar_cache
     if key not in ar_cache:
         ar_cache[key] = gen("ar")  # warm-up/compile and the reference tokens
@@ -161,15 +192,14 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
     res = gen(cfg["sampler"], **_opts(cfg))  # warm-up/compile
     ar_s, ar_pre, s_s, s_pre = [], [], [], []
     for _ in range(repeats):
-        a = gen("ar").stats
-        r = gen(cfg["sampler"], **_opts(cfg))
+        a = pooled(gen("ar"))
+        r = pooled(gen(cfg["sampler"], **_opts(cfg)))
         ar_s.append(a["seconds"])
         ar_pre.append(a["prefill_seconds"])
-        s_s.append(r.stats["seconds"])
-        s_pre.append(r.stats["prefill_seconds"])
-    st = res.stats
-    B = len(prompts)
-    equal_rows = [a == b for a, b in zip(ar_ref.tokens, res.tokens)]
+        s_s.append(r["seconds"])
+        s_pre.append(r["prefill_seconds"])
+    st, ar_st = pooled(res), pooled(ar_ref)
+    equal_rows = [a == b for x, y in zip(ar_ref, res) for a, b in zip(x.tokens, y.tokens)]
     sec, ar_sec = statistics.median(s_s), statistics.median(ar_s)
     e2e, ar_e2e = statistics.median(np.add(s_s, s_pre)), statistics.median(np.add(ar_s, ar_pre))
     return {
@@ -177,19 +207,20 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
         "levels": None if cfg.get("levels") is None else ",".join(map(str, cfg["levels"])),
         "acceptance": cfg.get("acceptance", "greedy") + ("" if cfg.get("mix_weight") is None
                                                          else f"+mix{cfg['mix_weight']}"),
-        "batch": B, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "batch": B, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature,
         "tokens": st["tokens"], "forwards": st["forwards"], "steps": st["steps"],
         "tokens_per_forward": st["tokens_per_forward"], "tokens_per_step": st.get("tokens_per_step"),
         "tokens_per_step_hist": st.get("tokens_per_step_hist"),
         "acceptance_per_position": st.get("acceptance_per_position"),
+        "acceptance_reached": st.get("acceptance_reached"),
         "useful_slot_fraction": st.get("useful_slot_fraction"),
         "query_tokens_per_step": st.get("query_tokens_per_step"),
         "seconds": sec, "ar_seconds": ar_sec, "ms_per_step": 1e3 * sec / max(st["steps"], 1),
-        "ar_ms_per_step": 1e3 * ar_sec / max(ar_ref.stats["steps"], 1),
-        "tokens_per_s": st["tokens"] / sec, "ar_tokens_per_s": ar_ref.stats["tokens"] / ar_sec,
+        "ar_ms_per_step": 1e3 * ar_sec / max(ar_st["steps"], 1),
+        "tokens_per_s": st["tokens"] / sec, "ar_tokens_per_s": ar_st["tokens"] / ar_sec,
         "speedup": ar_sec / sec, "speedup_e2e": ar_e2e / e2e,
         # tokens/step at which this layout's step would match AR's time per token on this machine
-        "breakeven_tokens_per_step": (sec / max(st["steps"], 1)) / (ar_sec / max(ar_ref.stats["steps"], 1)),
+        "breakeven_tokens_per_step": (sec / max(st["steps"], 1)) / (ar_sec / max(ar_st["steps"], 1)),
         "equal_ar": all(equal_rows), "rows_equal_ar": float(np.mean(equal_rows)),
         "seconds_all": s_s, "ar_seconds_all": ar_s, "repeats": repeats,
     }
@@ -210,8 +241,13 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
         block_sizes=None, batches=None, acceptances=None, prompts: str = "auto", max_new_tokens: int | None = None,
         repeats: int | None = None, preset: str = "tiny", dtype: str | None = None, seed: int = 0,
         temperature: float = 0.0, compile_cache: bool | str = False, prompt_len: int = 32,
-        anchor: str | None = None) -> list[dict]:
-    """Run the sweep; print the table, write samplers.md/.csv/.json and figures into ``out``; return the rows."""
+        anchor: str | None = None, num_prompts: int | None = None, eos_stop: bool | None = None,
+        task_max_len: int = 8) -> list[dict]:
+    """Run the sweep; print the table, write samplers.md/.csv/.json and figures into ``out``; return the rows.
+
+    Every configuration decodes the same ``num_prompts`` prompts (default: the largest batch) in batches of its
+    ``batch``. ``eos_stop`` (default: on for task prompts) ends a row at EOS, i.e. at the end of the task's answer;
+    off, every row decodes the full budget."""
     if compile_cache:
         common.enable_compile_cache(None if compile_cache is True else compile_cache)
     grid = grid or default_grid(quick, block_sizes, batches, acceptances, anchor)
@@ -219,14 +255,17 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
     repeats = repeats or (1 if quick else 3)
     m = common.machine()
     model, model_desc = load_model(model_path, preset, dtype, seed)
-    n = max(c["batch"] for c in grid)
-    all_prompts, prompt_desc = make_prompts(model.config, n, prompts, seed, prompt_len)
+    n = max([c["batch"] for c in grid] + [num_prompts or 0])
+    all_prompts, prompt_desc = make_prompts(model.config, n, prompts, seed, prompt_len, task_max_len)
+    if eos_stop is None:
+        eos_stop = "tasks" in prompt_desc
+    eos_id = model.config.eos_token_id if eos_stop else None
     rows, ar_cache = [], {}
     for i, cfg in enumerate(grid):
         print(f"[bench samplers] {i + 1}/{len(grid)} {label(cfg)} {cfg.get('acceptance', 'greedy')} "
               f"batch {cfg['batch']}", flush=True)
-        rows.append(compare(model, all_prompts[: cfg["batch"]], cfg, max_new_tokens, repeats, temperature, ar_cache))
-    md = markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature)
+        rows.append(compare(model, all_prompts, cfg, max_new_tokens, repeats, temperature, ar_cache, eos_id))
+    md = markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature, eos_id)
     print(md, flush=True)
     if out:
         meta = {"machine": m, "model": model_desc, "prompts": prompt_desc, "max_new_tokens": max_new_tokens,
@@ -237,7 +276,7 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
     return rows
 
 
-def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature) -> str:
+def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature, eos_id=None) -> str:
     acc_rows = [dict(config=r["config"], acceptance=r["acceptance"], batch=r["batch"],
                      per_position=" ".join(f"{p:.2f}" for p in (r["acceptance_per_position"] or [])),
                      hist=" ".join(map(str, r["tokens_per_step_hist"] or []))) for r in rows]
@@ -245,8 +284,10 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
         "## Block samplers vs AR (side by side, same model, prompts and batch)", "",
         common.machine_markdown(m),
         f"- model: {model_desc}", f"- prompts: {prompt_desc}",
-        f"- {max_new_tokens} new tokens per row, temperature {temperature}, no EOS stop; medians of {repeats} "
-        "interleaved runs (AR, config) after a warm-up; compile excluded", "",
+        f"- at most {max_new_tokens} new tokens per row, temperature {temperature}, "
+        + ("no EOS stop" if eos_id is None else f"rows stop at EOS (id {eos_id}): the end of each answer")
+        + f"; every config decodes all prompts in batches of its batch size; medians of {repeats} interleaved runs "
+        "(AR, config) after a warm-up; compile excluded", "",
         common.md_table(rows, COLUMNS), "",
         "tok/fwd: committed tokens per forward per row (init forwards included); tok/step: per sampler step "
         "(TF = 2 forwards); useful slots: committed tokens / query tokens computed; break-even tok/step: ms/step / AR "

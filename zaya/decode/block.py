@@ -96,4 +96,8 @@ def summarize(infos, o) -> dict:
     slots = float(act.sum()) * o["_query_tokens"]
     return {"tokens_per_step": float(committed.sum() / max(act.sum(), 1)), "tokens_per_step_hist": hist,
             "acceptance_per_position": per_pos, "useful_slot_fraction": float(committed.sum()) / max(slots, 1.0),
-            "query_tokens_per_step": o["_query_tokens"]}
+            "query_tokens_per_step": o["_query_tokens"],
+            # raw counts, so runs over several prompt batches can be pooled exactly (zaya.bench.samplers)
+            "counts": {"committed": int(committed.sum()), "row_steps": int(act.sum()),
+                       "reached": [int(((n >= k) & act).sum()) for k in range(K)],
+                       "accepted": [int(((n > k) & act).sum()) for k in range(K)]}}

@@ -66,12 +66,14 @@ def _jitted(sampler: str, cfg, impl, opts_items):
 
 def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
-             stop: list | None = None, progress: bool = False, trace: bool = False, **sampler_opts) -> Result:
+             stop: list | None = None, progress: bool = False, trace: bool = False, pad_to: int = 16,
+             **sampler_opts) -> Result:
     """Generate up to ``max_new_tokens`` per row. Returns Result(tokens per row, stats).
 
     sampler: one of SAMPLERS ("ar" here; block samplers register themselves). Rows stop independently on
     ``eos_id``, on a ``stop`` sequence (list of id lists) or on the budget. ``trace=True`` keeps every step's
-    drafts, accepted counts and next tokens (for notebooks and debugging).
+    drafts, accepted counts and next tokens (for notebooks and debugging). ``pad_to``: the padded prompt length is
+    rounded up to a multiple of it, so prompts of similar lengths share one compiled prefill and step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -79,7 +81,7 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
         raise ValueError("max_new_tokens must be >= 1")
     cfg, params, impl = model.config, model.params, model.impl
     rows = _as_rows(prompt_ids)
-    B, Tp = len(rows), max(map(len, rows))
+    B, Tp = len(rows), -(-max(map(len, rows)) // max(int(pad_to), 1)) * max(int(pad_to), 1)
     if any(t < 0 or t >= cfg.vocab_size for r in rows for t in r):
         raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size})")
     mod = SAMPLERS[sampler]
@@ -110,10 +112,10 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     while True:
         state, info = step_c(params, state)
         infos.append(info)
-        n = int(state.n.sum())  # one host sync per step; rows finish independently
-        bar.update(n - done_tokens)
-        done_tokens = n
-        if bool(state.done.all()):
+        n_B, done_B = jax.device_get((state.n, state.done))  # one host sync per step; rows finish independently
+        bar.update(int(n_B.sum()) - done_tokens)
+        done_tokens = int(n_B.sum())
+        if done_B.all():
             break
     bar.close()
     t2 = time.perf_counter()

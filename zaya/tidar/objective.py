@@ -31,6 +31,7 @@ from zaya.model.transformer import Impl, hidden, logits_from_hidden
 from zaya.tidar import layout as tl
 
 MASKINGS = ("full", "random")
+BLOCK_STARTS = ("row", "document")
 MODES = ("tidar", "ar")
 
 
@@ -47,6 +48,12 @@ class TidarOptions:
     doc_masking     packed documents never see each other; positions and blocks restart per document
     prompt_masking  tokens with loss_mask == 0 (prompts) are excluded as labels of both losses (SFT)
     block_causal    causal attention inside diffusion blocks
+    block_start     "row": blocks sit at fixed row indices (kb .. kb+b-1), so a packed document's blocks start at
+                    every in-document offset, as the decode-time drafting block does (it starts wherever the
+                    committed text ends); "document": blocks restart at each document start (block k covers
+                    in-document positions kb .. kb+b-1: a packed document trains exactly as it would alone, but
+                    short documents only ever see blocks at positions 0, b, 2b, ...). The anchored layout always
+                    starts blocks at documents.
     mode            "tidar" (dual loss) or "ar" (AR loss on the clean sequence only, T = S)
     ce_chunk        > 0: compute logits and CE in chunks of this many tokens (rematerialised in the backward),
                     so the [B, T, V] fp32 logits never exist at once
@@ -60,6 +67,7 @@ class TidarOptions:
     doc_masking: bool = True
     prompt_masking: bool = False
     block_causal: bool = False
+    block_start: str = "row"
     mode: str = "tidar"
     ce_chunk: int = 0
 
@@ -84,6 +92,8 @@ class TidarOptions:
             bad("position_gamma", "None or a finite number > 0")
         if self.mode not in MODES:
             bad("mode", f"one of {MODES}")
+        if self.block_start not in BLOCK_STARTS:
+            bad("block_start", f"one of {BLOCK_STARTS}")
         if not is_int(self.ce_chunk) or self.ce_chunk < 0:
             bad("ce_chunk", "an int >= 0 (0 = no chunking)")
 
@@ -142,9 +152,12 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
         half = jnp.concatenate([anchors[:, :, None], half.reshape(B, S // b, b)], 2).reshape(B, -1)
         index = tl.anchored_mask_index(S, b)
     else:
-        layout = tl.training(doc, b, opts.block_causal, doc_aligned=True)
+        layout = tl.training(doc, b, opts.block_causal, doc_aligned=opts.block_start == "document")
         index = S + np.arange(S)
-    block_pos = layout.pos[:, :S] % b  # blocks restart at document starts
+    if opts.anchor or opts.block_start == "document":
+        block_pos = layout.pos[:, :S] % b  # blocks restart at document starts
+    else:
+        block_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32) % b, (B, S))
     diff_valid = (resp & masked).astype(jnp.float32)
     diff_weights = diff_valid * jnp.asarray(position_weights(opts))[block_pos]
     return dict(out, inputs=jnp.concatenate([x, half], 1), layout=layout, diff_index=jnp.asarray(index, jnp.int32),
