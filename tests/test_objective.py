@@ -146,7 +146,9 @@ def _naive_loss(opts, d, logits):
             if i + 1 < S and doc[r, i + 1] == doc[r, i] and resp[r, i + 1]:
                 ar[0] += -logp[r, i, x[r, i + 1]]
                 ar[1] += 1
-            if resp[r, i] and masked[r, i]:
+            kb = i - i % b  # row blocks: a mask in a block owned by another document carries no loss
+            foreign = opts.block_start == "row" and not opts.anchor and doc[r, kb] >= 0 and doc[r, i] != doc[r, kb]
+            if resp[r, i] and masked[r, i] and not foreign:
                 t = slot_of[i]
                 k = i % b if (opts.block_start == "row" and not opts.anchor) else pos[r, i] % b
                 df[0] += w[k] * -logp[r, t, x[r, i]]
@@ -244,7 +246,9 @@ def test_position_weights():
     bt = _build(jnp.full((1, 16), 9), doc, None, dataclasses.replace(opts, block_start="row"), 4, None)
     k = np.arange(16) % 4  # row blocks: in-block position = row index mod b, whatever the document
     np.testing.assert_array_equal(np.asarray(bt["diff_block_pos"])[0], k)
-    np.testing.assert_allclose(np.asarray(bt["diff_weights"])[0], w[k], rtol=1e-6)
+    owned = np.ones(16)
+    owned[6:8] = 0  # document 1's first two tokens sit in the block owned by document 0: no loss there
+    np.testing.assert_allclose(np.asarray(bt["diff_weights"])[0], w[k] * owned, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["D", "B"])
@@ -274,6 +278,9 @@ def test_prompt_masking(model):
     lm, doc = batch["loss_mask"], batch["doc_ids"]
     same_next = np.c_[doc[:, 1:] == doc[:, :-1], np.zeros(2, bool)] & (doc >= 0)
     np.testing.assert_array_equal(np.asarray(bt["ar_weights"]), same_next * np.c_[lm[:, 1:], np.zeros(2)])
+    kb = np.arange(S) - np.arange(S) % 4  # row blocks: no diffusion label where another document owns the block
+    np.testing.assert_array_equal(np.asarray(bt["diff_valid"]), lm * ((doc == doc[:, kb]) | (doc[:, kb] < 0)))
+    bt = _build(batch["tokens"], batch["doc_ids"], batch["loss_mask"], CASES["D"], c.mask_token_id, None)
     np.testing.assert_array_equal(np.asarray(bt["diff_valid"]), lm)
     last = [(0, 4), (0, 13), (1, 10)]  # last tokens of documents
     lm2 = lm.copy()

@@ -57,14 +57,20 @@ def reference_layout(doc, b, anchor=False, block_causal=False, doc_aligned=True)
             for g in range(S // b):
                 s = [j for j in range(g * b, g * b + b) if d[j] >= 0 and p[j] > 0 and p[j] % b == 0]
                 slots += [("anchor", s[0]) if s else ("pad", -1)] + [("mask", j) for j in range(g * b, g * b + b)]
-        pos = np.array([p[i] - (k == "anchor") if k != "pad" else 0 for k, i in slots])
+        row = not anchor and not doc_aligned
+        kb = lambda i: i - i % b
+        # row blocks: every mask of a block belongs to the document of the block's first index, at its positions
+        owned = lambda kind, i: row and kind == "mask" and d[kb(i)] >= 0
+        doc_of = lambda kind, i: d[kb(i)] if owned(kind, i) else d[i]
+        pos = np.array([p[kb(i)] + i % b if owned(k, i) else p[i] - (k == "anchor") if k != "pad" else 0
+                        for k, i in slots])
         block = lambda i: p[i] // b if doc_aligned else i // b
-        first = lambda i: p[i] - p[i] % b if doc_aligned else max(i - i % b - (i - p[i]), 0)  # block start position
+        first = lambda i: p[i] - p[i] % b if doc_aligned else p[kb(i)]  # block start position
         T = len(slots)
         m = np.zeros((T, T), bool)
         for q, (qk, qi) in enumerate(slots):
             for k, (kk, ki) in enumerate(slots):
-                if "pad" in (qk, kk) or d[qi] < 0 or d[ki] != d[qi]:
+                if "pad" in (qk, kk) or doc_of(qk, qi) < 0 or doc_of(kk, ki) != doc_of(qk, qi):
                     continue
                 if qk == "clean":
                     m[q, k] = kk == "clean" and p[ki] <= p[qi]
@@ -199,7 +205,8 @@ def test_training_blocks_equal_decode_drafting(model):
 def test_row_blocks_start_mid_document_like_decode_drafting(model):
     """Row blocks (the default): in a packed row, document 1 starts at index 5, so the row block at index 8 starts
     at its in-document position 3 and equals a drafting block after a cache of that document's first 3 tokens;
-    decoding drafts from wherever the committed text ends, and training sees blocks at every such offset."""
+    decoding drafts from wherever the committed text ends, and training sees blocks at every such offset. A block
+    over a document end is b masks of that document, as a drafting block near the end of an answer is."""
     c, p = model
     x = _tokens(c)
     doc = jnp.asarray([[0] * 5 + [1] * 11] * 2)
@@ -211,6 +218,12 @@ def test_row_blocks_start_mid_document_like_decode_drafting(model):
     masks = jnp.full((2, B_), c.mask_token_id, jnp.int32)
     draft = np.asarray(_draft(p, c, masks, tl.draft_block(jnp.array([3, 3]), B_), cache))
     np.testing.assert_allclose(draft, train[:, S + 8:S + 8 + B_], atol=2e-5)
+    # the block at index 4 holds document 0's last token and document 1's first three: all four masks belong to
+    # document 0 (positions 4..7), exactly the b-mask drafting block after its first 4 tokens
+    assert bt["diff_valid"][0, 4] == 1 and not bt["diff_valid"][0, 5:8].any()
+    cache = _prefill(p, c, x, jnp.array([4, 4]))[1]
+    draft = np.asarray(_draft(p, c, masks, tl.draft_block(jnp.array([4, 4]), B_), cache))
+    np.testing.assert_allclose(draft, train[:, S + 4:S + 4 + B_], atol=2e-5)
 
 
 def test_anchored_blocks_equal_decode_drafting(model):

@@ -9,9 +9,10 @@ Anchored training (K+1 blocks, Zyphra's two-forward drafting): the mask half is 
 (anchor included) sees the clean prefix up to kb-2 and itself bidirectionally, exactly like the decode-time
 forward ``[a', mask x K]`` after a cache holding positions 0..kb-2 (``draft_anchored``).
 
-Blocks are global (block k = indices kb..kb+b-1 of the row) in ``training`` by default; with ``doc_aligned`` (and
-always in ``training_anchored``) they restart at each document start (block k of a document = its positions
-kb..kb+b-1), so a packed document trains exactly as it would alone.
+Blocks are global (block k = indices kb..kb+b-1 of the row) in ``training`` by default, and all b masks of a block
+belong to the document of its first index (see ``training``), so the model never learns a document's length from
+how many masks it sees; with ``doc_aligned`` (and always in ``training_anchored``) they restart at each document
+start (block k of a document = its positions kb..kb+b-1), so a packed document trains exactly as it would alone.
 
 Every builder is traceable (jnp only): it runs under jit with traced ``doc_ids``.
 
@@ -49,27 +50,48 @@ def clean(doc_ids) -> Layout:
                   prev=_clean_prev(i, pos))
 
 
+def row_block_owner(doc_ids, block: int):
+    """[B, S] for row blocks: the document of each mask's block start (index kb = (i // block) * block), and
+    ``foreign`` [B, S]: masks whose clean token belongs to another document (one that starts inside the block)."""
+    doc = jnp.asarray(doc_ids, jnp.int32)
+    S = doc.shape[1]
+    kb = (jnp.arange(S, dtype=jnp.int32) // block) * block
+    owner = doc[:, kb]
+    return owner, (doc != owner) & (owner >= 0)
+
+
 def training(doc_ids, block: int, block_causal: bool = False, doc_aligned: bool = False) -> Layout:
     """Layout of the 2S-token TiDAR training sequence. doc_ids [B, S] (document per clean token, -1 = padding).
 
-    Mask index i sits at S + i. Block ids (``blk``) are i // block, or with ``doc_aligned`` the index of the
-    block's first token (blocks restart at document starts).
+    Mask index i sits at S + i. Row blocks (default): block k is indices kb..kb+b-1 of the row (``blk`` = k) and
+    ALL its masks belong to the document of its first index (the "owner"): masks past the owner's end stand at
+    the owner's next positions (a document that starts inside a block gets no masks there; ``row_block_owner``
+    marks them, they carry no loss). So every block has b masks, as the decode-time drafting block does: a
+    block cut at the document end would tell the model where its document ends (how many masks it can see).
+    With ``doc_aligned``, ``blk`` is the index of the block's first token (blocks restart at document starts) and
+    a document's last block is cut at its end (the length leaks through the mask count; kept for ablations).
     """
     doc, i, start, pos = _docs(doc_ids)
     B, S = doc.shape
+    seg = jnp.where(doc >= 0, doc, -1)
+    cat = lambda a, b: jnp.concatenate([a, b], 1).astype(jnp.int32)
     if doc_aligned:
         kb = start + (pos // block) * block
-        blk = kb
+        lo = jnp.maximum(kb, start)  # first index of the token's (block ∩ document)
+        m_ctx, m_pos, m_seg, blk = lo - start - 1, pos, seg, kb
+        m_prev = jnp.stack([jnp.where(i[None] - d >= lo, S + i[None] - d,
+                                      jnp.where(pos >= d, i[None] - d, PREV_ZERO)) for d in (1, 2)], -1)
     else:
-        kb = jnp.broadcast_to((i // block) * block, (B, S))
+        kb = (i // block) * block  # [S]
+        owner, foreign = row_block_owner(doc, block)
+        kpos = pos[:, kb]  # in-document position of the block start (in the owner document)
+        m_pos = jnp.where(owner >= 0, kpos + (i - kb)[None], pos)
+        m_seg = jnp.where(owner >= 0, owner, seg)
+        m_ctx = jnp.where(owner >= 0, kpos - 1, -1)
         blk = jnp.broadcast_to(i // block, (B, S))
-    lo = jnp.maximum(kb, start)  # first index of the token's (block ∩ document)
-    m_ctx = lo - start - 1
-    m_prev = jnp.stack([jnp.where(i[None] - d >= lo, S + i[None] - d, jnp.where(pos >= d, i[None] - d, PREV_ZERO))
-                        for d in (1, 2)], -1)
-    cat = lambda a, b: jnp.concatenate([a, b], 1).astype(jnp.int32)
-    seg = jnp.where(doc >= 0, doc, -1)
-    return Layout(pos=cat(pos, pos), seg=cat(seg, seg), blk=cat(jnp.full((B, S), -1), blk),
+        m_prev = jnp.stack([jnp.where((i - d >= kb)[None], S + i[None] - d,
+                                      jnp.where(m_pos >= d, i[None] - d, PREV_ZERO)) for d in (1, 2)], -1)
+    return Layout(pos=cat(pos, m_pos), seg=cat(seg, m_seg), blk=cat(jnp.full((B, S), -1), blk),
                   ctx=cat(pos, m_ctx), prev=cat(_clean_prev(i, pos), m_prev), block_causal=block_causal)
 
 

@@ -158,7 +158,10 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
         block_pos = layout.pos[:, :S] % b  # blocks restart at document starts
     else:
         block_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32) % b, (B, S))
-    diff_valid = (resp & masked).astype(jnp.float32)
+    diff_valid = resp & masked
+    if not opts.anchor and opts.block_start == "row":  # masks standing in for another document's tokens
+        diff_valid = diff_valid & ~tl.row_block_owner(doc, b)[1]
+    diff_valid = diff_valid.astype(jnp.float32)
     diff_weights = diff_valid * jnp.asarray(position_weights(opts))[block_pos]
     return dict(out, inputs=jnp.concatenate([x, half], 1), layout=layout, diff_index=jnp.asarray(index, jnp.int32),
                 diff_labels=x, diff_valid=diff_valid, diff_weights=diff_weights, diff_block_pos=block_pos,
