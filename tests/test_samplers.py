@@ -62,6 +62,28 @@ def _drive(model, sampler, rows, steps, **opts):
     return st
 
 
+def test_drafts_in_prefill_equal_a_separate_drafting_forward(model):
+    """[prompt | mask x (K+1)] in one forward (right-padded rows of different lengths) gives the same first token,
+    drafts and cache as prefill + a drafting forward [mask x (K+1)] after the cached prompt."""
+    from zaya.decode import block
+    c, p, impl = model.config, model.params, Impl()
+    B, Tp = len(ROWS), 16
+    prompt = np.zeros((B, Tp), np.int32)
+    for b, r in enumerate(ROWS):
+        prompt[b, :len(r)] = r
+    lengths = jnp.array([len(r) for r in ROWS])
+    o = dict(temperature=0.0, top_k=None, top_p=None, eos_id=None, max_new=64, stop=None, block_size=5,
+             anchor="mask", acceptance="greedy")
+    args = (jnp.asarray(prompt), lengths, init_cache(c, B, 96), 64, jax.random.PRNGKey(0))
+    fused = block.prefill_and_start(p, c, impl, o, *args)
+    sep = block.start(p, c, impl, block.options(o), prefill(p, c, impl, *args))
+    np.testing.assert_array_equal(np.asarray(fused.pending), np.asarray(sep.pending))
+    np.testing.assert_array_equal(np.asarray(fused.drafts), np.asarray(sep.drafts))
+    np.testing.assert_array_equal(np.asarray(fused.cache.length), np.asarray(lengths))
+    np.testing.assert_allclose(np.asarray(fused.cache.k), np.asarray(sep.cache.k), atol=2e-5)
+    assert int(fused.forwards) == 0 and int(sep.forwards) == 1  # the drafting forward is saved
+
+
 @pytest.mark.parametrize("sampler,pending", [(two_forward, True), (single_forward, True), (tidar, False)])
 def test_cache_equals_fresh_prefill_of_committed_tokens(model, sampler, pending):
     st = _drive(model, sampler, ROWS, 5, block_size=3, acceptance="greedy")

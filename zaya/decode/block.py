@@ -8,7 +8,7 @@ import numpy as np
 from zaya.decode import acceptance
 from zaya.decode import layouts
 from zaya.decode.sampling import sample
-from zaya.decode.state import State, append
+from zaya.decode.state import State, append, prefill_with_block
 from zaya.model.transformer import apply
 
 DEFAULTS = dict(block_size=16, acceptance="greedy", draft_temperature=0.0, mix_weight=None, anchor="token",
@@ -66,6 +66,24 @@ def start(params, c, impl, o, state: State) -> State:
     return draft_after(params, c, impl, o, state.replace(key=key), sub)
 
 
+def drafts_in_prefill(o) -> bool:
+    """Mask-anchored first drafts ([mask x (K+1)] after the prompt) need no token: they ride on the prefill."""
+    return o["anchor"] == "mask"
+
+
+def prefill_and_start(params, c, impl, opts, prompt_BT, lengths_B, cache, max_new, key) -> State:
+    """``start`` fused into the prefill: one forward over [prompt | mask x (K+1)] gives the first token (prefill
+    logits) and the first K drafts (mask slots 1..K; slot 0 stands at the first token's position)."""
+    o = options(opts)
+    K = o["block_size"]
+    state, z = prefill_with_block(params, c, impl, prompt_BT, lengths_B, cache, max_new, key, K + 1)
+    state = first_token(c, o, state)
+    key, sub = jax.random.split(state.key)
+    drafts, probs = draft_tokens(z[:, 1:], sub, o)
+    return state.replace(drafts=drafts, draft_probs=probs, draft_logits=z[:, 1:] if keep_logits(o) else None,
+                         key=key)
+
+
 def first_token(c, o, state: State) -> State:
     """Decide the first new token from the prefill logits (AR) and make it the pending token."""
     key, sub = jax.random.split(state.key)
@@ -75,14 +93,15 @@ def first_token(c, o, state: State) -> State:
 
 
 def accept_and_append(o, state: State, z_verify, key):
-    """Run the acceptance rule; append [d_1..d_n, next] per row. Returns (state, n, next, active)."""
+    """Run the acceptance rule; append [d_1..d_n, next] per row. Returns (state, n, next, active, kept): kept[b]
+    is how many tokens were really appended (n + 1 unless EOS, a stop sequence or the budget cut the block)."""
     active = ~state.done
     extra = dict(o, draft_logits=state.draft_logits, diff_logits=state.draft_logits)
     n, nxt = rule(o)(z_verify, state.drafts, state.draft_probs, key, extra)
     new = jnp.concatenate([state.drafts, jnp.zeros_like(nxt)[:, None]], 1)
     new = new.at[jnp.arange(new.shape[0]), n].set(nxt)
-    state, _ = append(state, new, n + 1, o["eos_id"], o.get("stop"))
-    return state, n, nxt, active
+    state, kept = append(state, new, n + 1, o["eos_id"], o.get("stop"))
+    return state, n, nxt, active, kept
 
 
 def summarize(infos, o) -> dict:
@@ -90,7 +109,12 @@ def summarize(infos, o) -> dict:
     n = np.stack([np.asarray(i["accepted"]) for i in infos])  # [steps, B] drafts accepted
     act = np.stack([np.asarray(i["active"]) for i in infos])
     K = o["block_size"]
-    committed = (n + o.get("_extra_per_step", 1)) * act
+    if "kept" in infos[0]:  # tokens really committed: drafts "accepted" after an EOS (or past the budget) don't count
+        kept = np.stack([np.asarray(i["kept"]) for i in infos])
+        committed = kept * act
+        n = np.minimum(n, np.maximum(kept - o.get("_extra_per_step", 1), 0))
+    else:
+        committed = (n + o.get("_extra_per_step", 1)) * act
     per_pos = [(float(((n > k) & act).sum()) / max(float(((n >= k) & act).sum()), 1.0)) for k in range(K)]
     hist = np.bincount(committed[act].astype(int), minlength=K + 2).tolist()
     slots = float(act.sum()) * o["_query_tokens"]

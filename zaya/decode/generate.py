@@ -58,8 +58,14 @@ def _jitted(sampler: str, cfg, impl, opts_items):
     mod = SAMPLERS[sampler]
     step = jax.jit(lambda params, state: mod.step(params, cfg, impl, opts, state), donate_argnums=(1,))
     init = getattr(mod, "init", None)
-    pre = jax.jit(lambda params, prompt, lengths, cache, key: prefill(params, cfg, impl, prompt, lengths, cache,
-                                                                       opts["max_new"], key))
+    fused = getattr(mod, "prefill", None)  # a sampler's own prefill (first drafts in the same forward), if any
+    if fused is not None and mod.fuses_prefill(opts):
+        init = None
+        pre = jax.jit(lambda params, prompt, lengths, cache, key: fused(params, cfg, impl, opts, prompt, lengths,
+                                                                        cache, opts["max_new"], key))
+    else:
+        pre = jax.jit(lambda params, prompt, lengths, cache, key: prefill(params, cfg, impl, prompt, lengths, cache,
+                                                                           opts["max_new"], key))
     init_j = None if init is None else jax.jit(lambda params, state: init(params, cfg, impl, opts, state))
     return pre, init_j, step, {}
 

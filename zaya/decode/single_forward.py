@@ -28,8 +28,20 @@ def levels_of(o) -> tuple[int, ...]:
 cache_slack = block.cache_slack
 
 
+def fuses_prefill(opts) -> bool:
+    return True
+
+
+def prefill(params, c, impl, opts, prompt_BT, lengths_B, cache, max_new, key) -> State:
+    """The first drafts come with the prefill, mask-anchored like every proposal of this layout."""
+    o = block.options(opts)
+    levels_of(o)  # refuse bad levels before any work
+    return block.prefill_and_start(params, c, impl, dict(opts, anchor="mask"), prompt_BT, lengths_B, cache, max_new,
+                                   key)
+
+
 def init(params, c, impl, opts, state: State) -> State:
-    """As the two-forward sampler: first token from the prefill logits, then one drafting forward."""
+    """Only without ``prefill`` (kept for callers that prefill themselves): first token, one drafting forward."""
     o = block.options(opts)
     levels_of(o)  # refuse bad levels before any work
     return block.start(params, c, impl, o, state)
@@ -46,7 +58,7 @@ def step(params, c, impl, opts, state: State):
                               jnp.full((B, P * W), c.mask_token_id, jnp.int32)], 1)
     lay = layouts.single_forward(state.cache.length, K, lv, o["block_causal"])
     z, chunk, _ = apply(params, c, tokens, lay, state.cache, impl)
-    state, n, nxt, active = block.accept_and_append(o, state, z[:, :W], k_acc)
+    state, n, nxt, active, kept = block.accept_and_append(o, state, z[:, :W], k_acc)
     cache = commit(state.cache, chunk, jnp.where(active, n + 1, 0))  # the verify tokens come first in the chunk
 
     levels = jnp.asarray(lv, jnp.int32)
@@ -64,7 +76,7 @@ def step(params, c, impl, opts, state: State):
     zkeep = jnp.where(valid[..., None], zd, 0.0) if block.keep_logits(o) else None
     state = state.replace(cache=cache, pending=nxt, drafts=drafts, draft_probs=probs, draft_logits=zkeep, key=key,
                           forwards=state.forwards + 1)
-    return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt}
+    return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt, "kept": kept}
 
 
 def summarize(infos, opts):

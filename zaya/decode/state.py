@@ -33,13 +33,34 @@ class State:
 
 def prefill(params, c: ZayaConfig, impl: Impl, prompt_BT, lengths_B, cache: Cache, max_new: int, key) -> State:
     """Run the right-padded prompts through the model and commit lengths[b] tokens per row."""
+    return prefill_with_block(params, c, impl, prompt_BT, lengths_B, cache, max_new, key, 0)[0]
+
+
+def prefill_with_block(params, c: ZayaConfig, impl: Impl, prompt_BT, lengths_B, cache: Cache, max_new: int, key,
+                       block: int):
+    """``prefill`` plus, in the same forward, a block of ``block`` masks right after each row's prompt (positions
+    lengths[b] .., bidirectional, seeing the prompt): the first drafting block of the mask-anchored samplers comes
+    free with the prefill. Only the prompt is committed. Returns (state, mask logits [B, block, V] or None)."""
     B, T = prompt_BT.shape
     lay = layout_lib.causal(B, T, start=0, valid=lengths_B)
-    logits, chunk, _ = apply(params, c, prompt_BT, lay, cache, impl)
-    cache = commit(cache, chunk, lengths_B)
-    last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], 1)[:, 0]
-    return State(cache=cache, logits=last, out=jnp.zeros((B, max_new), jnp.int32), n=jnp.zeros((B,), jnp.int32),
-                 done=jnp.zeros((B,), bool) | (max_new <= 0), key=key, forwards=jnp.zeros((), jnp.int32))
+    tokens = prompt_BT
+    if block:
+        t = jnp.arange(block, dtype=jnp.int32)
+        L = lengths_B.astype(jnp.int32)[:, None]
+        # conv predecessors: earlier masks (chunk index T + t - d), else the prompt's last tokens (index = position)
+        prev = jnp.stack([jnp.where(t >= d, T + t - d, jnp.where(L - d + t >= 0, L - d + t, layout_lib.PREV_ZERO))
+                          for d in (1, 2)], -1)
+        masks = layout_lib.Layout(pos=L + t, seg=jnp.zeros((B, block), jnp.int32),
+                                  blk=jnp.zeros((B, block), jnp.int32), ctx=jnp.broadcast_to(L - 1, (B, block)),
+                                  prev=prev)
+        lay = jax.tree.map(lambda a, b: jnp.concatenate([jnp.broadcast_to(a, (B,) + a.shape[1:]), b], 1), lay, masks)
+        tokens = jnp.concatenate([prompt_BT, jnp.full((B, block), c.mask_token_id, prompt_BT.dtype)], 1)
+    logits, chunk, _ = apply(params, c, tokens, lay, cache, impl)
+    cache = commit(cache, chunk, lengths_B)  # the prompt is the chunk's head: masks are never committed
+    last = jnp.take_along_axis(logits[:, :T], (lengths_B - 1)[:, None, None], 1)[:, 0]
+    state = State(cache=cache, logits=last, out=jnp.zeros((B, max_new), jnp.int32), n=jnp.zeros((B,), jnp.int32),
+                  done=jnp.zeros((B,), bool) | (max_new <= 0), key=key, forwards=jnp.zeros((), jnp.int32))
+    return state, (logits[:, T:] if block else None)
 
 
 def append(state: State, tokens_BK, count_B, eos_id: int | None, stop_seqs=None):

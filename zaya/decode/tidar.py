@@ -45,13 +45,14 @@ def step(params, c, impl, opts, state: State):
                              else state.draft_probs[:, 1:], k_acc, extra)
     keep = n_acc + 1  # D_0 is always kept
     active = ~state.done
-    state, _ = append(state, state.drafts, keep, o["eos_id"], o.get("stop"))
+    state, kept = append(state, state.drafts, keep, o["eos_id"], o.get("stop"))
     cache = commit(state.cache, chunk, jnp.where(active, keep, 0))
     znext = jnp.take_along_axis(sets, (keep - 1)[:, None, None, None], 1)[:, 0]
     d, probs = block.draft_tokens(znext, k_draft, o)
     state = state.replace(cache=cache, drafts=d, draft_probs=probs, draft_logits=znext, key=key,
                           forwards=state.forwards + 1)
-    return state, {"accepted": n_acc, "active": active, "drafts": tokens[:, :b], "next": tokens[:, 0]}
+    return state, {"accepted": n_acc, "active": active, "drafts": tokens[:, :b], "next": tokens[:, 0],
+                   "kept": kept}
 
 
 def summarize(infos, opts):

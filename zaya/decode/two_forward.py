@@ -18,6 +18,16 @@ from zaya.model.transformer import apply
 cache_slack = block.cache_slack
 
 
+def fuses_prefill(opts) -> bool:
+    """Mask anchor: the first drafts ride on the prefill forward (``prefill``). Token anchor: generate prefills,
+    then ``init`` drafts after the first token."""
+    return block.drafts_in_prefill(block.options(opts))
+
+
+def prefill(params, c, impl, opts, prompt_BT, lengths_B, cache, max_new, key):
+    return block.prefill_and_start(params, c, impl, opts, prompt_BT, lengths_B, cache, max_new, key)
+
+
 def init(params, c, impl, opts, state: State) -> State:
     return block.start(params, c, impl, block.options(opts), state)
 
@@ -29,11 +39,11 @@ def step(params, c, impl, opts, state: State):
     key, k_acc, k_draft = jax.random.split(state.key, 3)
     tokens = jnp.concatenate([state.pending[:, None], state.drafts], 1)
     z, chunk, _ = apply(params, c, tokens, layouts.verify(state.cache.length, K), state.cache, impl)
-    state, n, nxt, active = block.accept_and_append(o, state, z, k_acc)
+    state, n, nxt, active, kept = block.accept_and_append(o, state, z, k_acc)
     cache = commit(state.cache, chunk, jnp.where(active, n + 1, 0))
     state = state.replace(cache=cache, pending=nxt, key=key, forwards=state.forwards + 1)
     state = block.draft_after(params, c, impl, o, state, k_draft)
-    return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt}
+    return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt, "kept": kept}
 
 
 def summarize(infos, opts):
