@@ -294,6 +294,10 @@ def test_tasks_source_and_mix(corpus):
     mixed = pipeline.load_corpus(dict(cfg, tasks_fraction=0.25), BYTES)
     extra = len(mixed.tokens) - len(base.tokens)
     assert 0.2 < extra / len(mixed.tokens) < 0.3
+    # task_max_len reaches the generator: the longest document grows with it
+    longest = lambda n: max(np.diff(pipeline.load_corpus({"source": "tasks", "num_tasks": 300, "task_max_len": n},
+                                                         BYTES).offsets))
+    assert longest(8) <= 2 + len("reverse:") + 8 + 1 + 8 + 1 + 1 < longest(24)
 
 
 # ------------------------------------------------------------------------------------ determinism, sharding, state

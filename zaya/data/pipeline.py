@@ -34,6 +34,7 @@ DEFAULTS = dict(
     task_kinds=",".join(tasks.KINDS),  # comma-separated (a tuple works too)
     num_tasks=20000,  # examples generated for source='tasks'
     tasks_seed=0,  # the generated task set (independent of the shuffle seed)
+    task_max_len=8,  # longest string of the copy/reverse/sort/brackets tasks (zaya.data.tasks.generate max_len)
     num_epochs=None,  # None: repeat forever
     packing_bins=16,  # open rows for first-fit packing
     num_threads=2,  # grain read threads
@@ -113,7 +114,8 @@ def load_corpus(data_cfg, tokenizer: Tokenizer, split: str = "train") -> packing
     """The tokenized documents of one split (corpus plus mixed-in task examples), in a seed-independent order."""
     c = _cfg(data_cfg)
     if c["source"] == "tasks":
-        docs = [tasks.as_document(t) for t in tasks.generate(int(c["num_tasks"]), c["tasks_seed"], c["task_kinds"])]
+        docs = [tasks.as_document(t) for t in tasks.generate(int(c["num_tasks"]), c["tasks_seed"], c["task_kinds"],
+                                                                max_len=int(c["task_max_len"]))]
     else:
         docs = sources.load_documents(c["source"], jsonl_fields=c["jsonl_fields"], text_split=c["text_split"],
                                       shakespeare_unit=c["shakespeare_unit"])
@@ -122,11 +124,12 @@ def load_corpus(data_cfg, tokenizer: Tokenizer, split: str = "train") -> packing
     f = c["tasks_fraction"]
     if f > 0 and c["source"] != "tasks":
         want = f / (1 - f) * len(tok.tokens)  # task tokens so that they are a fraction f of the mixture
-        probe = tokenize([tasks.as_document(t) for t in tasks.generate(256, c["tasks_seed"], c["task_kinds"])],
+        probe = tokenize([tasks.as_document(t) for t in tasks.generate(256, c["tasks_seed"], c["task_kinds"],
+                                                                  max_len=int(c["task_max_len"]))],
                          tokenizer, c["sft"])
         n = int(math.ceil(1.2 * want / max(1.0, len(probe.tokens) / 256))) + 1
         ex = tasks.generate(n, c["tasks_seed"], c["task_kinds"], split=None if split == "all" else split,
-                            val_fraction=c["val_fraction"])
+                            val_fraction=c["val_fraction"], max_len=int(c["task_max_len"]))
         task_tok = tokenize([tasks.as_document(t) for t in ex], tokenizer, c["sft"])
         k = int(np.searchsorted(task_tok.offsets, want)) + 1  # first k examples reach `want` tokens
         k = min(k, len(ex))

@@ -94,11 +94,12 @@ def ar_loss(params, model_cfg, batches, fast_compile: bool = False) -> float:
 
 
 def task_accuracy(model, tok, num_tasks: int = 64, max_new_tokens: int = 16, seed: int = 0,
-                  val_fraction: float = 0.05, kinds=None) -> dict:
+                  val_fraction: float = 0.05, kinds=None, max_len: int = 8) -> dict:
     """Greedy AR exact match on held-out generated tasks, overall and per kind."""
     import zaya
     from zaya.data import tasks
-    ex = tasks.generate(num_tasks, seed, kinds or tasks.KINDS, split="val", val_fraction=val_fraction)
+    ex = tasks.generate(num_tasks, seed, kinds or tasks.KINDS, split="val", val_fraction=val_fraction,
+                        max_len=max_len)
     prompts = [[tok.bos_id] + tok.encode(t["prompt"]) for t in ex]
     out, _ = zaya.generate(model, prompts, sampler="ar", max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
     texts = [tok.decode(o) for o in out]
@@ -133,7 +134,8 @@ def evaluate(model_dir: str, base_dir: str | None = None, data_cfg=None, tokeniz
         dm = run_eval(make_eval_fn(m.config, opts, Impl(), None, fast_compile), m.params, batches)
         keep = ("diff_loss", "diff_acc_per_pos", "diff_acc", "first_slot_agree", "ar_acc")
         r.update({k: dm[k] for k in keep if k in dm})
-        r.update(task_accuracy(m, tok, num_tasks, max_new_tokens, task_seed, vf))
+        r.update(task_accuracy(m, tok, num_tasks, max_new_tokens, task_seed, vf,
+                               max_len=int(dict(data_cfg).get("task_max_len", 8))))
         out[name] = r
     if "base" in out:
         out["delta"] = {"ar_loss": out["model"]["ar_loss"] - out["base"]["ar_loss"],
