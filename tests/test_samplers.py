@@ -183,3 +183,19 @@ def test_lossless_samplers_match_ar_distribution(small_vocab, kw):
 ])
 def test_lossy_criteria_differ(small_vocab, kw):
     assert _pvalue(*small_vocab, **kw) < ALPHA
+
+
+def test_summary_counts_only_committed_tokens():
+    """Stats follow what was appended: drafts 'accepted' after an EOS cut don't count; an accepted EOS does."""
+    from zaya.decode import block
+    o = dict(block_size=4, _query_tokens=10)
+    cut = [{"accepted": np.array([4]), "kept": np.array([2]), "active": np.array([True])}]  # d1, d2 = EOS kept
+    s = block.summarize(cut, o)
+    assert s["tokens_per_step"] == 2 and s["counts"]["reached"][:3] == [1, 1, 0]
+    assert s["acceptance_per_position"][:2] == [1.0, 1.0]
+    plain = [{"accepted": np.array([1]), "kept": np.array([2]), "active": np.array([True])}]  # d1, then bonus
+    s = block.summarize(plain, o)
+    assert s["tokens_per_step"] == 2 and s["counts"]["reached"][:3] == [1, 1, 0]
+    assert s["acceptance_per_position"][:2] == [1.0, 0.0]
+    s = block.summarize([dict(plain[0], kept=np.array([1]))], dict(o, _kept_first=1))  # TiDAR: D_0 first
+    assert s["counts"]["accepted"][0] == 0 and s["tokens_per_step"] == 1

@@ -105,17 +105,25 @@ def accept_and_append(o, state: State, z_verify, key):
 
 
 def summarize(infos, o) -> dict:
-    """Tokens per step (mean, histogram), acceptance per draft position, useful-slot fraction."""
+    """Tokens per step (mean, histogram), acceptance per draft position, useful-slot fraction.
+
+    Only what was appended counts: drafts the rule "accepted" after an EOS, a stop sequence or the budget are not
+    tokens, and the positions after such a cut are not reached (an accepted EOS is an accepted draft)."""
     n = np.stack([np.asarray(i["accepted"]) for i in infos])  # [steps, B] drafts accepted
     act = np.stack([np.asarray(i["active"]) for i in infos])
     K = o["block_size"]
-    if "kept" in infos[0]:  # tokens really committed: drafts "accepted" after an EOS (or past the budget) don't count
+    cut = np.zeros_like(act)
+    if "kept" in infos[0]:
         kept = np.stack([np.asarray(i["kept"]) for i in infos])
         committed = kept * act
-        n = np.minimum(n, np.maximum(kept - o.get("_extra_per_step", 1), 0))
+        cut = kept < n + 1  # the full append is n + 1 tokens
+        # TF/SF append [d_1..d_n, next]; the TiDAR layout appends [D_0, D_1..D_n] (its always-kept D_0 first)
+        n = np.minimum(n, np.maximum(kept - o.get("_kept_first", 0), 0))
     else:
         committed = (n + o.get("_extra_per_step", 1)) * act
-    per_pos = [(float(((n > k) & act).sum()) / max(float(((n >= k) & act).sum()), 1.0)) for k in range(K)]
+    reached = [(n >= k) & act & ~(cut & (k >= n)) for k in range(K)]
+    accepted = [(n > k) & act for k in range(K)]
+    per_pos = [float(a.sum()) / max(float(r.sum()), 1.0) for a, r in zip(accepted, reached)]
     hist = np.bincount(committed[act].astype(int), minlength=K + 2).tolist()
     slots = float(act.sum()) * o["_query_tokens"]
     return {"tokens_per_step": float(committed.sum() / max(act.sum(), 1)), "tokens_per_step_hist": hist,
@@ -123,5 +131,4 @@ def summarize(infos, o) -> dict:
             "query_tokens_per_step": o["_query_tokens"],
             # raw counts, so runs over several prompt batches can be pooled exactly (zaya.bench.samplers)
             "counts": {"committed": int(committed.sum()), "row_steps": int(act.sum()),
-                       "reached": [int(((n >= k) & act).sum()) for k in range(K)],
-                       "accepted": [int(((n > k) & act).sum()) for k in range(K)]}}
+                       "reached": [int(r.sum()) for r in reached], "accepted": [int(a.sum()) for a in accepted]}}

@@ -57,4 +57,4 @@ def step(params, c, impl, opts, state: State):
 
 def summarize(infos, opts):
     o = block.options(opts)
-    return block.summarize(infos, dict(o, _query_tokens=o["block_size"] * (o["block_size"] + 1)))
+    return block.summarize(infos, dict(o, _query_tokens=o["block_size"] * (o["block_size"] + 1), _kept_first=1))
