@@ -19,7 +19,7 @@ import time
 from zaya.train import recipe
 
 BLOCK = 16  # training block = decode block (anchor mask + K drafts)
-SFT_STEPS = 600
+SFT_STEPS = 1500
 
 
 def configs(quick: bool):
