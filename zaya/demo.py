@@ -133,10 +133,10 @@ def summary(sa, sb, ev, rows, t_train, t_total, sc=None) -> str:
              f"| diffusion accuracy, first block position | {_first(b):.3f} | {_first(m):.3f} | {_first(f):.3f} |",
              "",
              "Diffusion accuracy per block position, converted: " +
-             ", ".join(f"{x:.2f}" for x in m.get("diff_acc_per_pos", [])),
+             ", ".join(f"{x:.2f}" for x in m.get("diff_acc_per_pos", [])) +
              "; after SFT (tasks): " + ", ".join(f"{x:.2f}" for x in f.get("diff_acc_per_pos", [])), "",
              "Block samplers vs AR on held-out tasks (SFT model, greedy, rows stop at EOS; tokens/forward counts "
-             "every forward, the initial drafting forward included; TF = 2 forwards per step):", "",
+             "every forward after the prefill, which carries the first drafts; TF = 2 forwards per step):", "",
              "| sampler | batch | tokens/forward | tokens/step | acceptance d1..d4 | speedup vs AR (wall) | "
              "same tokens as AR |", "|---|---|---|---|---|---|---|"]
     for r in rows:
