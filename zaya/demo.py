@@ -22,33 +22,29 @@ BLOCK = 16  # training block = decode block (anchor mask + K drafts)
 SFT_STEPS = 1500
 
 
+def _phase(steps: int, lr: float, quick: bool, **tidar):
+    """One tiny training phase at seq 128: ``steps`` steps, warmup min(30, steps/4), eval only at the end, three
+    checkpoints; ``tidar`` sets the objective's options."""
+    c = recipe.tiny_base(seq_len=128)
+    c.tidar.update(**tidar)
+    c.num_steps = steps
+    c.optim.update(lr=lr, warmup_steps=min(30, steps // 4))
+    c.eval.update(every_steps=0, num_batches=4)
+    c.checkpoint.update(every_steps=max(steps // 3, 10), keep=1)
+    if quick:
+        c.batch_size = 4
+    return c
+
+
 def configs(quick: bool):
     """(pretrain, convert, sft) ml-collections configs; ``quick`` shrinks everything for tests."""
-    steps_a, steps_b = (30, 30) if quick else (900, 700)
-    a = recipe.tiny_base(seq_len=128)
-    a.tidar.mode = "ar"
-    a.num_steps = steps_a
+    steps_a, steps_b, steps_c = (30, 30, 30) if quick else (900, 700, SFT_STEPS)
+    a = _phase(steps_a, 3e-3, quick, mode="ar")
     a.data.tasks_fraction = 0.5
-    a.optim.update(lr=3e-3, warmup_steps=min(30, steps_a // 4))
-    a.eval.update(every_steps=0, num_batches=4)
-    a.checkpoint.update(every_steps=max(steps_a // 3, 10), keep=1)
-    b = recipe.tiny_base(seq_len=128)
-    b.tidar.update(mode="tidar", block_size=BLOCK, alpha=1.0)
-    b.num_steps = steps_b
+    b = _phase(steps_b, 2e-3, quick, mode="tidar", block_size=BLOCK, alpha=1.0)
     b.data.tasks_fraction = 0.5
-    b.optim.update(lr=2e-3, warmup_steps=min(30, steps_b // 4))
-    b.eval.update(every_steps=0, num_batches=4)
-    b.checkpoint.update(every_steps=max(steps_b // 3, 10), keep=1)
-    c = recipe.tiny_base(seq_len=128)
-    c.tidar.update(mode="tidar", block_size=BLOCK, alpha=1.0, prompt_masking=True)
-    c.num_steps = 30 if quick else SFT_STEPS
+    c = _phase(steps_c, 2e-3, quick, mode="tidar", block_size=BLOCK, alpha=1.0, prompt_masking=True)
     c.data.update(source="tasks", sft=True, tasks_fraction=0.0, num_tasks=20000)
-    c.optim.update(lr=2e-3, warmup_steps=min(30, c.num_steps // 4))
-    c.eval.update(every_steps=0, num_batches=4)
-    c.checkpoint.update(every_steps=max(c.num_steps // 3, 10), keep=1)
-    if quick:
-        for x in (a, b, c):
-            x.batch_size = 4
     return a, b, c
 
 
@@ -108,6 +104,12 @@ def _first(r) -> float:
     return float(acc[0])
 
 
+METRICS = [("AR validation loss", "ar_loss", ".4f"), ("task exact match (greedy AR)", "task_em", ".3f"),
+           ("diffusion loss", "diff_loss", ".4f"), ("first-slot agrees with AR", "first_slot_agree", ".3f"),
+           ("AR top-1 accuracy (next token)", "ar_acc", ".3f"),
+           ("diffusion accuracy, first block position", "first", ".3f")]  # (label, eval key, format)
+
+
 def summary(sa, sb, ev, rows, t_train, t_total, sc=None) -> str:
     m, b, f = ev["model"], ev.get("base", {}), ev.get("sft", {})
     nan = float("nan")
@@ -119,26 +121,21 @@ def summary(sa, sb, ev, rows, t_train, t_total, sc=None) -> str:
              f"wall {t_train:.0f}s (total {t_total:.0f}s) on {sa['device']}.", "",
              "AR base and TiDAR-converted on the pretraining mixture's held-out split (Shakespeare + tasks); the SFT "
              "model on held-out tasks (its data).", "",
-             "| | AR base | TiDAR-converted | + diffusion SFT (tasks) |", "|---|---|---|---|",
-             f"| AR validation loss | {b.get('ar_loss', nan):.4f} | {m['ar_loss']:.4f} ({rel:+.2f}%) | "
-             f"{f.get('ar_loss', nan):.4f} |",
-             f"| task exact match (greedy AR) | {b.get('task_em', nan):.3f} | {m['task_em']:.3f} | "
-             f"{f.get('task_em', nan):.3f} |",
-             f"| diffusion loss | {b.get('diff_loss', nan):.4f} | {m.get('diff_loss', nan):.4f} | "
-             f"{f.get('diff_loss', nan):.4f} |",
-             f"| first-slot agrees with AR | {b.get('first_slot_agree', nan):.3f} | "
-             f"{m.get('first_slot_agree', nan):.3f} | {f.get('first_slot_agree', nan):.3f} |",
-             f"| AR top-1 accuracy (next token) | {b.get('ar_acc', nan):.3f} | {m.get('ar_acc', nan):.3f} | "
-             f"{f.get('ar_acc', nan):.3f} |",
-             f"| diffusion accuracy, first block position | {_first(b):.3f} | {_first(m):.3f} | {_first(f):.3f} |",
-             "",
-             "Diffusion accuracy per block position, converted: " +
-             ", ".join(f"{x:.2f}" for x in m.get("diff_acc_per_pos", [])) +
-             "; after SFT (tasks): " + ", ".join(f"{x:.2f}" for x in f.get("diff_acc_per_pos", [])), "",
-             "Block samplers vs AR on held-out tasks (SFT model, greedy, rows stop at EOS; tokens/forward counts "
-             "every forward after the prefill, which carries the first drafts; TF = 2 forwards per step):", "",
-             "| sampler | batch | tokens/forward | tokens/step | acceptance d1..d4 | speedup vs AR (wall) | "
-             "same tokens as AR |", "|---|---|---|---|---|---|---|"]
+             "| | AR base | TiDAR-converted | + diffusion SFT (tasks) |", "|---|---|---|---|"]
+    for label, key, fmt in METRICS:
+        cells = [_first(r) if key == "first" else r.get(key, nan) for r in (b, m, f)]
+        text = [format(x, fmt) for x in cells]
+        if key == "ar_loss":
+            text[1] += f" ({rel:+.2f}%)"
+        lines.append(f"| {label} | " + " | ".join(text) + " |")
+    lines += ["",
+              "Diffusion accuracy per block position, converted: " +
+              ", ".join(f"{x:.2f}" for x in m.get("diff_acc_per_pos", [])) +
+              "; after SFT (tasks): " + ", ".join(f"{x:.2f}" for x in f.get("diff_acc_per_pos", [])), "",
+              "Block samplers vs AR on held-out tasks (SFT model, greedy, rows stop at EOS; tokens/forward counts "
+              "every forward after the prefill, which carries the first drafts; TF = 2 forwards per step):", "",
+              "| sampler | batch | tokens/forward | tokens/step | acceptance d1..d4 | speedup vs AR (wall) | "
+              "same tokens as AR |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = " ".join(f"{x:.2f}" for x in (r.get("acceptance_per_position") or [])[:4])
         lines.append(f"| {r['config']} | {r['batch']} | {r.get('tokens_per_forward', nan):.2f} | "

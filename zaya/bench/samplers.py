@@ -151,7 +151,7 @@ def _opts(cfg: dict) -> dict:
     return o
 
 
-def pooled(results, query_tokens=None) -> dict:
+def pooled(results) -> dict:
     """One stats dict for several ``zaya.generate`` results (consecutive batches of one prompt set): sums of tokens,
     forwards, steps and seconds; acceptance and tokens/step pooled from the raw counts."""
     st = [r.stats for r in results]
@@ -289,7 +289,8 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
         + f"; every config decodes all prompts in batches of its batch size; medians of {repeats} interleaved runs "
         "(AR, config) after a warm-up; compile excluded", "",
         common.md_table(rows, COLUMNS), "",
-        "tok/fwd: committed tokens per forward per row (init forwards included); tok/step: per sampler step "
+        "tok/fwd: committed tokens per forward per row (every forward after the prefill; mask-anchored samplers "
+        "draft their first block in the prefill forward); tok/step: per sampler step "
         "(TF = 2 forwards); useful slots: committed tokens / query tokens computed; break-even tok/step: ms/step / AR "
         "ms/step, the tokens per step this layout needs to match AR on this machine; speedup (decode): AR decode-loop "
         "seconds / config decode-loop seconds; (+prefill) adds the prefill and the samplers' initial drafting "

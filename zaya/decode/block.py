@@ -111,16 +111,12 @@ def summarize(infos, o) -> dict:
     tokens, and the positions after such a cut are not reached (an accepted EOS is an accepted draft)."""
     n = np.stack([np.asarray(i["accepted"]) for i in infos])  # [steps, B] drafts accepted
     act = np.stack([np.asarray(i["active"]) for i in infos])
+    kept = np.stack([np.asarray(i["kept"]) for i in infos])  # [steps, B] tokens really appended
     K = o["block_size"]
-    cut = np.zeros_like(act)
-    if "kept" in infos[0]:
-        kept = np.stack([np.asarray(i["kept"]) for i in infos])
-        committed = kept * act
-        cut = kept < n + 1  # the full append is n + 1 tokens
-        # TF/SF append [d_1..d_n, next]; the TiDAR layout appends [D_0, D_1..D_n] (its always-kept D_0 first)
-        n = np.minimum(n, np.maximum(kept - o.get("_kept_first", 0), 0))
-    else:
-        committed = (n + o.get("_extra_per_step", 1)) * act
+    committed = kept * act
+    cut = kept < n + 1  # the full append is n + 1 tokens
+    # TF/SF append [d_1..d_n, next]; the TiDAR layout appends [D_0, D_1..D_n] (its always-kept D_0 first)
+    n = np.minimum(n, np.maximum(kept - o.get("_kept_first", 0), 0))
     reached = [(n >= k) & act & ~(cut & (k >= n)) for k in range(K)]
     accepted = [(n > k) & act for k in range(K)]
     per_pos = [float(a.sum()) / max(float(r.sum()), 1.0) for a, r in zip(accepted, reached)]

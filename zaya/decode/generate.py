@@ -87,7 +87,8 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
         raise ValueError("max_new_tokens must be >= 1")
     cfg, params, impl = model.config, model.params, model.impl
     rows = _as_rows(prompt_ids)
-    B, Tp = len(rows), -(-max(map(len, rows)) // max(int(pad_to), 1)) * max(int(pad_to), 1)
+    pad_to = max(int(pad_to), 1)
+    B, Tp = len(rows), -(-max(map(len, rows)) // pad_to) * pad_to
     if any(t < 0 or t >= cfg.vocab_size for r in rows for t in r):
         raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size})")
     mod = SAMPLERS[sampler]

@@ -9,12 +9,13 @@ All are built with jnp from the per-row cache length L [B], so they jit with sta
                           [verify (K+1) | proposal_j (K+1) for each level]; proposal j sits at
                           L+l_j+1 .. L+l_j+K+1 and sees the cache plus verify[:l_j+1]
   tidar_published(L, b)   [D_0..D_{b-1} | set_1 .. set_b]; set k (b masks at L+k .. L+k+b-1) sees D[:k]
+  prefill_block(n, T, W)  [prompt | mask x W]: the first drafting block in the prefill forward
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from zaya.model.layout import PREV_CACHE, Layout, causal
+from zaya.model.layout import PREV_CACHE, PREV_ZERO, Layout, causal
 from zaya.tidar.layout import draft_block
 
 
@@ -53,6 +54,20 @@ def single_forward(L_B, K: int, levels: tuple[int, ...], block_causal: bool = Fa
     for j, lvl in enumerate(levels):
         parts.append(_proposal(L_B, lvl + 1, W, lvl, j, W * (j + 1)))
     return _cat(*parts, block_causal=block_causal)
+
+
+def prefill_block(lengths_B, T: int, width: int) -> Layout:
+    """[prompt (T, right-padded) | mask x width] on an empty cache: the masks stand at lengths[b] .. and see the
+    row's prompt and each other (one bidirectional block); conv predecessors are earlier masks (chunk index
+    T + t - d), else the prompt's last tokens (chunk index = position)."""
+    B = lengths_B.shape[0]
+    L = jnp.asarray(lengths_B, jnp.int32)[:, None]
+    t = jnp.arange(width, dtype=jnp.int32)
+    prev = jnp.stack([jnp.where(t >= d, T + t - d, jnp.where(L - d + t >= 0, L - d + t, PREV_ZERO)) for d in (1, 2)],
+                     -1)
+    masks = Layout(pos=L + t, seg=jnp.zeros((B, width), jnp.int32), blk=jnp.zeros((B, width), jnp.int32),
+                   ctx=jnp.broadcast_to(L - 1, (B, width)), prev=prev)
+    return _cat(causal(B, T, start=0, valid=lengths_B), masks)
 
 
 def tidar_published(L_B, b: int, block_causal: bool = False) -> Layout:

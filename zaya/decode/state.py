@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from zaya.config import ZayaConfig
+from zaya.decode import layouts
 from zaya.model import layout as layout_lib
 from zaya.model.cache import Cache, commit
 from zaya.model.transformer import Impl, apply
@@ -45,15 +46,7 @@ def prefill_with_block(params, c: ZayaConfig, impl: Impl, prompt_BT, lengths_B, 
     lay = layout_lib.causal(B, T, start=0, valid=lengths_B)
     tokens = prompt_BT
     if block:
-        t = jnp.arange(block, dtype=jnp.int32)
-        L = lengths_B.astype(jnp.int32)[:, None]
-        # conv predecessors: earlier masks (chunk index T + t - d), else the prompt's last tokens (index = position)
-        prev = jnp.stack([jnp.where(t >= d, T + t - d, jnp.where(L - d + t >= 0, L - d + t, layout_lib.PREV_ZERO))
-                          for d in (1, 2)], -1)
-        masks = layout_lib.Layout(pos=L + t, seg=jnp.zeros((B, block), jnp.int32),
-                                  blk=jnp.zeros((B, block), jnp.int32), ctx=jnp.broadcast_to(L - 1, (B, block)),
-                                  prev=prev)
-        lay = jax.tree.map(lambda a, b: jnp.concatenate([jnp.broadcast_to(a, (B,) + a.shape[1:]), b], 1), lay, masks)
+        lay = layouts.prefill_block(lengths_B, T, block)
         tokens = jnp.concatenate([prompt_BT, jnp.full((B, block), c.mask_token_id, prompt_BT.dtype)], 1)
     logits, chunk, _ = apply(params, c, tokens, lay, cache, impl)
     cache = commit(cache, chunk, lengths_B)  # the prompt is the chunk's head: masks are never committed
