@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 
+import jax
 import ml_dtypes  # noqa: F401  (bf16 for safetensors.numpy)
 import numpy as np
 import pytest
@@ -129,6 +130,19 @@ def test_convert_fixture_parity(fixtures_dir, tmp_path, layout):
     cfg = zaya.load(str(dst)).config
     assert cfg == zaya.from_hf_config(os.path.join(src, "config.json"), dtype="float32")
     assert logits_err(str(dst), src) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["native", "converted"])
+def test_loaded_weights_live_on_the_device(fixtures_dir, tmp_path, layout):
+    """Host (numpy) weights would be uploaded again by every jitted call, i.e. once per decode step."""
+    src = os.path.join(fixtures_dir, "native")
+    if layout == "converted":
+        cli.convert(src, str(tmp_path / "out"))
+        src = str(tmp_path / "out")
+    leaves = jax.tree.leaves(zaya.load(src).params)
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+    m = zaya.Model(zaya.load(src).config, jax.tree.map(np.asarray, zaya.load(src).params))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(m.params))
 
 
 def test_convert_subprocess(fixtures_dir, tmp_path):

@@ -26,6 +26,10 @@ class Model:
     mesh: object = None           # a jax Mesh: logits run sharded (batch over data/fsdp, heads/experts inside)
     rules: object = None          # logical-axis rules for the mesh (None: zaya.sharding.DEFAULT_RULES)
 
+    def __post_init__(self):
+        # Host (numpy) weights would be copied to the device again on every jitted call: once per decode step.
+        self.params = jax.tree.map(lambda x: jax.device_put(x) if isinstance(x, np.ndarray) else x, self.params)
+
     def logits(self, tokens) -> np.ndarray:
         """tokens int [B, T] -> float32 logits [B, T, V] (a full causal forward, no cache)."""
         tokens = jnp.asarray(np.asarray(tokens), jnp.int32)
