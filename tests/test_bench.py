@@ -54,6 +54,8 @@ def test_samplers_smoke(tmp_path):
               "seconds", "ar_seconds"):
         assert k in r, k
     assert r["equal_ar"] is True  # greedy two-forward is exactly AR
+    # 3 new tokens per row, the first from the prefill, K + 1 = 3 per step: one perfect step per batch of 2
+    assert r["oracle_steps"] == 2 and r["speedup_oracle"] >= r["speedup"] * (1 - 1e-9)
     assert len(r["acceptance_per_position"]) == 2 and r["batch"] == 2 and r["prompts"] == 3 and r["tokens"] == 9
     for f in ("samplers.md", "samplers.csv", "samplers.json", "samplers_acceptance.png", "samplers_speedup.png"):
         assert os.path.getsize(tmp_path / f) > 0
@@ -75,6 +77,14 @@ def test_pooled_stats_equal_one_run_over_all_rows():
     assert st["acceptance_per_position"][0] == pytest.approx(acc)
     c = [r.stats["counts"] for r in runs]  # the first token of each row comes from the prefill, not a step
     assert st["tokens_per_step"] == pytest.approx(sum(x["committed"] for x in c) / sum(x["row_steps"] for x in c))
+
+
+def test_oracle_steps_counts_the_longest_row_of_each_batch():
+    from types import SimpleNamespace as NS
+    runs = [NS(tokens=[[5] * 1, [5] * 9]), NS(tokens=[[5] * 4]), NS(tokens=[[5] * 17, [5] * 2])]
+    # per step 4: ceil(8/4) = 2, ceil(3/4) = 1, ceil(16/4) = 4; a one-token row needs no step
+    assert samplers.oracle_steps(runs, 4) == 7
+    assert samplers.oracle_steps(runs, 16) == 3 and samplers.oracle_steps([NS(tokens=[[5]])], 4) == 0
 
 
 def test_samplers_grid_and_prompts():

@@ -173,6 +173,12 @@ def pooled(results) -> dict:
     return out
 
 
+def oracle_steps(results, per_step: int, first_free: int = 1) -> int:
+    """The fewest sampler steps that could produce these outputs: perfect drafts commit ``per_step`` tokens per row
+    and step, ``first_free`` tokens per row come with the prefill, and a batch steps until its longest row is done."""
+    return sum(max((-(-max(len(t) - first_free, 0) // per_step) for t in r.tokens), default=0) for r in results)
+
+
 def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, temperature: float = 0.0,
             ar_cache: dict | None = None, eos_id: int | None = None) -> dict:
     """Run ``cfg`` and AR over all ``prompts`` in batches of ``cfg['batch']`` rows, interleaved ``repeats`` times
@@ -201,6 +207,9 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
     st, ar_st = pooled(res), pooled(ar_ref)
     equal_rows = [a == b for x, y in zip(ar_ref, res) for a, b in zip(x.tokens, y.tokens)]
     sec, ar_sec = statistics.median(s_s), statistics.median(ar_s)
+    # With perfect drafts (every block fully accepted), at this layout's measured cost per step: how much of the gap
+    # to AR is drafting quality and how much is the step's cost on this machine.
+    best = oracle_steps(res, cfg["block_size"] + 1) if cfg["sampler"] in ("two_forward", "single_forward") else None
     e2e, ar_e2e = statistics.median(np.add(s_s, s_pre)), statistics.median(np.add(ar_s, ar_pre))
     return {
         "config": label(cfg), "layout": layout_name(cfg), "sampler": cfg["sampler"], "block_size": cfg["block_size"],
@@ -218,7 +227,8 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
         "seconds": sec, "ar_seconds": ar_sec, "ms_per_step": 1e3 * sec / max(st["steps"], 1),
         "ar_ms_per_step": 1e3 * ar_sec / max(ar_st["steps"], 1),
         "tokens_per_s": st["tokens"] / sec, "ar_tokens_per_s": ar_st["tokens"] / ar_sec,
-        "speedup": ar_sec / sec, "speedup_e2e": ar_e2e / e2e,
+        "speedup": ar_sec / sec, "speedup_e2e": ar_e2e / e2e, "oracle_steps": best,
+        "speedup_oracle": None if not best else ar_sec / (sec / max(st["steps"], 1) * best),
         # tokens/step at which this layout's step would match AR's time per token on this machine
         "breakeven_tokens_per_step": (sec / max(st["steps"], 1)) / (ar_sec / max(ar_st["steps"], 1)),
         "equal_ar": all(equal_rows), "rows_equal_ar": float(np.mean(equal_rows)),
@@ -233,7 +243,7 @@ COLUMNS = ["config", "acceptance", "batch", ("tokens_per_forward", "tok/fwd", ".
            ("tokens_per_step", "tok/step", ".2f"), ("useful_slot_fraction", "useful slots", ".3f"),
            ("query_tokens_per_step", "query tok/step/row"), ("ms_per_step", "ms/step", ".2f"),
            ("ar_ms_per_step", "AR ms/step", ".2f"), ("breakeven_tokens_per_step", "break-even tok/step", ".1f"),
-           ("speedup", "speedup (decode)", ".2f"),
+           ("speedup", "speedup (decode)", ".2f"), ("speedup_oracle", "bound: perfect drafts", ".2f"),
            ("speedup_e2e", "speedup (+prefill)", ".2f"), ("equal_ar", "= AR")]
 
 
@@ -293,7 +303,8 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
         "draft their first block in the prefill forward); tok/step: per sampler step "
         "(TF = 2 forwards); useful slots: committed tokens / query tokens computed; break-even tok/step: ms/step / AR "
         "ms/step, the tokens per step this layout needs to match AR on this machine; speedup (decode): AR decode-loop "
-        "seconds / config decode-loop seconds; (+prefill) adds the prefill and the samplers' initial drafting "
+        "seconds / config decode-loop seconds; bound: the decode speedup if every block were fully accepted (the "
+        "fewest steps that produce the same outputs, at this layout's measured ms/step); (+prefill) adds the prefill and the samplers' initial drafting "
         "forward; = AR: every row's tokens equal AR's (greedy lossless check).", "",
         common.md_table(acc_rows, ["config", "acceptance", "batch", ("per_position", "acceptance per draft position"),
                                    ("hist", "tokens/step histogram (0,1,2,..)")],
