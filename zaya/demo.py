@@ -135,10 +135,11 @@ def summary(sa, sb, ev, rows, t_train, t_total, sc=None) -> str:
               "Block samplers vs AR on held-out tasks (SFT model, greedy, rows stop at EOS; tokens/forward counts "
               "every forward after the prefill, which carries the first drafts; TF = 2 forwards per step):", "",
               "| sampler | batch | tokens/forward | tokens/step | acceptance d1..d4 | speedup vs AR (wall) | "
-              "same tokens as AR |", "|---|---|---|---|---|---|---|"]
+              "bound: perfect drafts | same tokens as AR |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = " ".join(f"{x:.2f}" for x in (r.get("acceptance_per_position") or [])[:4])
+        bound = f"{r['speedup_oracle']:.2f}x" if r.get("speedup_oracle") else "n/a"
         lines.append(f"| {r['config']} | {r['batch']} | {r.get('tokens_per_forward', nan):.2f} | "
                      f"{r.get('tokens_per_step', nan):.2f} | {acc} | {r.get('speedup', nan):.2f}x | "
-                     f"{r.get('equal_ar')} |")
+                     f"{bound} | {r.get('equal_ar')} |")
     return "\n".join(lines) + "\n"
