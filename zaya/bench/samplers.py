@@ -99,7 +99,8 @@ def label(cfg: dict) -> str:
 def layout_name(cfg: dict) -> str:
     s = cfg["sampler"]
     if s == "single_forward":
-        return "SF dense" if cfg.get("levels") is None else "SF sparse"
+        lv = cfg.get("levels")
+        return "SF dense" if lv is None else ("SF L=0" if tuple(lv) == (0,) else "SF sparse")
     return {"two_forward": "TF", "tidar": "TiDAR"}.get(s, s)
 
 
@@ -312,6 +313,13 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
     ])
 
 
+def _bound(ax, xs, rows, color):
+    """The perfect-draft bound of the same rows, dashed in the line's colour (where the layout has one)."""
+    ys = [r.get("speedup_oracle") for r in rows]
+    if any(y is not None for y in ys):
+        ax.plot(xs, [np.nan if y is None else y for y in ys], "x--", color=color, alpha=0.6, lw=1, ms=4)
+
+
 def plot(rows, out, min_reached: int = 5):
     plt = common.pyplot()
     if plt is None or not rows:
@@ -349,17 +357,19 @@ def plot(rows, out, min_reached: int = 5):
         rr = sorted((r for r in rows if r["layout"] == lay and r["batch"] == b0 and r["acceptance"] == "greedy"),
                     key=lambda r: r["block_size"])
         if rr:
-            a1.plot([r["block_size"] for r in rr], [r["speedup"] for r in rr], "o-", label=lay)
+            ln = a1.plot([r["block_size"] for r in rr], [r["speedup"] for r in rr], "o-", label=lay)[0]
+            _bound(a1, [r["block_size"] for r in rr], rr, ln.get_color())
         rr = sorted((r for r in rows if r["layout"] == lay and r["block_size"] == Kmax and r["acceptance"] == "greedy"),
                     key=lambda r: r["batch"])
         if rr:
-            a2.plot([r["batch"] for r in rr], [r["speedup"] for r in rr], "o-", label=lay)
+            ln = a2.plot([r["batch"] for r in rr], [r["speedup"] for r in rr], "o-", label=lay)[0]
+            _bound(a2, [r["batch"] for r in rr], rr, ln.get_color())
     for a, xl, t in ((a1, "block size K", f"speedup vs block size (batch {b0}, greedy)"),
                      (a2, "batch", f"speedup vs batch (K={Kmax}, greedy)")):
         a.axhline(1.0, color="k", lw=0.8, ls=":")
         a.set_xscale("log", base=2)
         a.set_xlabel(xl)
-        a.set_ylabel("wall-clock speedup over AR")
+        a.set_ylabel("wall-clock speedup over AR (dashed: perfect drafts)")
         a.set_title(t)
         a.grid(alpha=0.3)
         a.legend()
