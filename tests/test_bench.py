@@ -44,23 +44,23 @@ def test_decode_smoke(tmp_path):
 
 def test_samplers_smoke(tmp_path):
     grid = [dict(sampler="two_forward", block_size=2, levels=None, acceptance="greedy", batch=2)]
-    # batch 2, 4-token prompts, 3 new tokens: the same AR executables as test_decode_smoke (compiled once)
     # 3 prompts in batches of 2: two generate calls per config, pooled
     rows = samplers.run(out=str(tmp_path), grid=grid, max_new_tokens=3, repeats=1, compile_cache=False, prompt_len=4,
-                        num_prompts=3)
+                        num_prompts=3, loop="device")
     (r,) = rows
     for k in ("config", "acceptance", "batch", "tokens_per_forward", "tokens_per_step", "tokens_per_step_hist",
               "acceptance_per_position", "useful_slot_fraction", "speedup", "speedup_e2e", "equal_ar",
               "seconds", "ar_seconds"):
         assert k in r, k
-    assert r["equal_ar"] is True  # greedy two-forward is exactly AR
+    assert r["equal_ar"] is True and r["loop"] == "device"  # greedy two-forward is exactly AR
     # 3 new tokens per row, the first from the prefill, K + 1 = 3 per step: one perfect step per batch of 2
     assert r["oracle_steps"] == 2 and r["speedup_oracle"] >= r["speedup"] * (1 - 1e-9)
     assert len(r["acceptance_per_position"]) == 2 and r["batch"] == 2 and r["prompts"] == 3 and r["tokens"] == 9
     for f in ("samplers.md", "samplers.csv", "samplers.json", "samplers_acceptance.png", "samplers_speedup.png"):
         assert os.path.getsize(tmp_path / f) > 0
     data = json.loads((tmp_path / "samplers.json").read_text())
-    assert "RANDOM" in data["model"] and data["rows"][0]["config"] == "TF K=2"
+    assert "RANDOM" in data["model"] and data["rows"][0]["config"] == "TF K=2" and data["loop"] == "device"
+    assert "decode loop: device" in (tmp_path / "samplers.md").read_text()
 
 
 def test_pooled_stats_equal_one_run_over_all_rows():
@@ -125,9 +125,10 @@ def test_cli_dispatch(monkeypatch, tmp_path, what):
 
 def test_cli_samplers_model_folder(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(samplers, "run", lambda *a, **k: calls.append((k.get("model_path"), k.get("preset"))) or [])
+    monkeypatch.setattr(samplers, "run", lambda *a, **k: calls.append((k.get("model_path"), k.get("preset"),
+                                                                      k.get("loop"))) or [])
     monkeypatch.delenv("ZAYA_BENCH_MODEL", raising=False)
     a = argparse.Namespace(what="samplers", preset=[str(tmp_path)], out=None, size_gb=1.0, quick=True,
-                           compile_cache=False)
+                           compile_cache=False, loop="device")
     cli.main(a)
-    assert calls == [(str(tmp_path), None)]
+    assert calls == [(str(tmp_path), None, "device")]

@@ -122,6 +122,34 @@ def test_block_size_one_degenerates_to_ar(model, ar_ref):
     assert res.tokens == ar_ref and res.stats["tokens_per_step"] <= 2.0
 
 
+@pytest.mark.parametrize("sampler,kw", [
+    ("ar", {}), ("two_forward", dict(block_size=5)), ("single_forward", dict(block_size=6, levels=(0, 2))),
+    ("tidar", dict(block_size=3)),
+])
+def test_device_loop_equals_host_loop(model, sampler, kw):
+    """One lax.while_loop executable runs the same steps: tokens, per-step trace and statistics agree exactly
+    (rows stopping on EOS at different steps, and on the budget)."""
+    host = generate(model, ROWS, sampler=sampler, max_new_tokens=9, trace=True, **kw)
+    eos = host.tokens[0][3]
+    for eos_id in (None, eos):
+        a = generate(model, ROWS, sampler=sampler, max_new_tokens=9, trace=True, eos_id=eos_id, **kw)
+        b = generate(model, ROWS, sampler=sampler, max_new_tokens=9, trace=True, eos_id=eos_id, loop="device", **kw)
+        assert b.tokens == a.tokens and b.trace == a.trace
+        timing = ("seconds", "tokens_per_s", "prefill_seconds")
+        assert {k: v for k, v in b.stats.items() if k not in timing} == \
+            {k: v for k, v in a.stats.items() if k not in timing}
+    with pytest.raises(ValueError, match="loop="):
+        generate(model, ROWS, sampler=sampler, max_new_tokens=2, loop="gpu", **kw)
+
+
+def test_device_loop_runs_one_step_when_the_prefill_already_finished(model):
+    """Like the host loop (a do-while): the mask-anchored samplers commit their first token in the prefill, so with
+    max_new_tokens=1 every row is done before the first step, which still runs once."""
+    for loop in ("host", "device"):
+        r = generate(model, ROWS, sampler="single_forward", block_size=4, max_new_tokens=1, loop=loop)
+        assert r.stats["steps"] == 1 and all(len(t) == 1 for t in r.tokens)
+
+
 def test_levels_must_include_zero(model):
     with pytest.raises(ValueError, match="include 0"):
         generate(model, ROWS, sampler="single_forward", block_size=8, levels=(4, 7), max_new_tokens=4)

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eos-id", type=int, default=None)
     g.add_argument("--dtype", default="float32")
+    g.add_argument("--loop", choices=["host", "device"], default="host",
+                   help="host: Python loop with a live progress bar; device: every step in one lax.while_loop")
     g.set_defaults(fn=_generate)
 
     b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="write the table (Markdown) and figures here")
     b.add_argument("--size-gb", type=float, default=1.0, help="convert: synthetic checkpoint size")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke runs)")
+    b.add_argument("--loop", choices=["host", "device"], default="host",
+                   help="samplers: decode loop of every sampler, AR included (zaya.generate's loop)")
     b.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                    help="do not use jax's persistent compilation cache ($ZAYA_BENCH_CACHE, default /tmp/zaya_bench_xla_cache)")
     b.set_defaults(fn=_bench)

@@ -181,7 +181,7 @@ def oracle_steps(results, per_step: int, first_free: int = 1) -> int:
 
 
 def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, temperature: float = 0.0,
-            ar_cache: dict | None = None, eos_id: int | None = None) -> dict:
+            ar_cache: dict | None = None, eos_id: int | None = None, loop: str = "host") -> dict:
     """Run ``cfg`` and AR over all ``prompts`` in batches of ``cfg['batch']`` rows, interleaved ``repeats`` times
     after one warm-up each; pooled stats and medians of the summed decode seconds."""
     import zaya
@@ -190,8 +190,8 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
 
     def gen(sampler, **o):
         return [zaya.generate(model, p, sampler=sampler, max_new_tokens=max_new_tokens, temperature=temperature,
-                              eos_id=eos_id, **o) for p in batches]
-    key = (len(prompts), B, max_new_tokens, temperature, eos_id)
+                              eos_id=eos_id, loop=loop, **o) for p in batches]
+    key = (len(prompts), B, max_new_tokens, temperature, eos_id, loop)
     ar_cache = {} if ar_cache is None else ar_cache
     if key not in ar_cache:
         ar_cache[key] = gen("ar")  # warm-up/compile and the reference tokens
@@ -218,6 +218,7 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
         "acceptance": cfg.get("acceptance", "greedy") + ("" if cfg.get("mix_weight") is None
                                                          else f"+mix{cfg['mix_weight']}"),
         "batch": B, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "loop": loop,
         "tokens": st["tokens"], "forwards": st["forwards"], "steps": st["steps"],
         "tokens_per_forward": st["tokens_per_forward"], "tokens_per_step": st.get("tokens_per_step"),
         "tokens_per_step_hist": st.get("tokens_per_step_hist"),
@@ -253,12 +254,13 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
         repeats: int | None = None, preset: str = "tiny", dtype: str | None = None, seed: int = 0,
         temperature: float = 0.0, compile_cache: bool | str = False, prompt_len: int = 32,
         anchor: str | None = None, num_prompts: int | None = None, eos_stop: bool | None = None,
-        task_max_len: int = 8) -> list[dict]:
+        task_max_len: int = 8, loop: str = "host") -> list[dict]:
     """Run the sweep; print the table, write samplers.md/.csv/.json and figures into ``out``; return the rows.
 
     Every configuration decodes the same ``num_prompts`` prompts (default: the largest batch) in batches of its
     ``batch``. ``eos_stop`` (default: on for task prompts) ends a row at EOS, i.e. at the end of the task's answer;
-    off, every row decodes the full budget."""
+    off, every row decodes the full budget. ``loop``: zaya.generate's decode loop for every sampler, AR included
+    ("host": one dispatch and sync per step; "device": one lax.while_loop, no per-step host overhead)."""
     if compile_cache:
         common.enable_compile_cache(None if compile_cache is True else compile_cache)
     grid = grid or default_grid(quick, block_sizes, batches, acceptances, anchor)
@@ -275,19 +277,20 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
     for i, cfg in enumerate(grid):
         print(f"[bench samplers] {i + 1}/{len(grid)} {label(cfg)} {cfg.get('acceptance', 'greedy')} "
               f"batch {cfg['batch']}", flush=True)
-        rows.append(compare(model, all_prompts, cfg, max_new_tokens, repeats, temperature, ar_cache, eos_id))
-    md = markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature, eos_id)
+        rows.append(compare(model, all_prompts, cfg, max_new_tokens, repeats, temperature, ar_cache, eos_id, loop))
+    md = markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature, eos_id, loop)
     print(md, flush=True)
     if out:
         meta = {"machine": m, "model": model_desc, "prompts": prompt_desc, "max_new_tokens": max_new_tokens,
-                "repeats": repeats, "temperature": temperature}
+                "repeats": repeats, "temperature": temperature, "loop": loop}
         common.write_outputs(out, "samplers", md, {**meta, "rows": rows},
                              {"": [{k: v for k, v in r.items() if not k.endswith("_all")} for r in rows]})
         plot(rows, out)
     return rows
 
 
-def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature, eos_id=None) -> str:
+def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature, eos_id=None,
+             loop: str = "host") -> str:
     acc_rows = [dict(config=r["config"], acceptance=r["acceptance"], batch=r["batch"],
                      per_position=" ".join(f"{p:.2f}" for p in (r["acceptance_per_position"] or [])),
                      hist=" ".join(map(str, r["tokens_per_step_hist"] or []))) for r in rows]
@@ -297,6 +300,8 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
         f"- model: {model_desc}", f"- prompts: {prompt_desc}",
         f"- at most {max_new_tokens} new tokens per row, temperature {temperature}, "
         + ("no EOS stop" if eos_id is None else f"rows stop at EOS (id {eos_id}): the end of each answer")
+        + f"; decode loop: {loop} (" + ("one lax.while_loop per generate call" if loop == "device" else
+                                         "Python, one dispatch and host sync per step") + ")"
         + f"; every config decodes all prompts in batches of its batch size; medians of {repeats} interleaved runs "
         "(AR, config) after a warm-up; compile excluded", "",
         common.md_table(rows, COLUMNS), "",

@@ -36,7 +36,8 @@ def main(a):
         if a.levels:
             opts["levels"] = tuple(int(x) for x in a.levels.split(","))
     res = zaya.generate(model, prompts, sampler=a.sampler, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, eos_id=a.eos_id, progress=True, **opts)
+                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, eos_id=a.eos_id, progress=True,
+                        loop=getattr(a, "loop", "host"), **opts)
     dec = None
     if model.tokenizer:
         from tokenizers import Tokenizer

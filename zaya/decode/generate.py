@@ -67,24 +67,49 @@ def _jitted(sampler: str, cfg, impl, opts_items):
         pre = jax.jit(lambda params, prompt, lengths, cache, key: prefill(params, cfg, impl, prompt, lengths, cache,
                                                                            opts["max_new"], key))
     init_j = None if init is None else jax.jit(lambda params, state: init(params, cfg, impl, opts, state))
-    return pre, init_j, step, {}
+    loop = jax.jit(lambda params, state: run_on_device(lambda s: mod.step(params, cfg, impl, opts, s), state,
+                                                       opts["max_new"]), donate_argnums=(1,))
+    return pre, init_j, step, loop, {}
+
+
+def run_on_device(step, state: State, max_steps: int):
+    """Every step in one ``lax.while_loop``: no host round trip per step. Same steps as the host loop (at least one,
+    then until every row is done; each step commits >= 1 token per active row, so ``max_steps = max_new_tokens``
+    bounds it). Returns (state, infos stacked on a leading [max_steps] axis, number of steps run)."""
+    shapes = jax.eval_shape(step, state)[1]
+    bufs = jax.tree.map(lambda s: jnp.zeros((max_steps,) + s.shape, s.dtype), shapes)
+
+    def cond(carry):
+        i, st, _ = carry
+        return (i == 0) | ((i < max_steps) & ~st.done.all())
+
+    def body(carry):
+        i, st, b = carry
+        st, info = step(st)
+        return i + 1, st, jax.tree.map(lambda buf, x: buf.at[i].set(x), b, info)
+    n, state, bufs = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, bufs))
+    return state, bufs, n
 
 
 def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
              stop: list | None = None, progress: bool = False, trace: bool = False, pad_to: int = 16,
-             **sampler_opts) -> Result:
+             loop: str = "host", **sampler_opts) -> Result:
     """Generate up to ``max_new_tokens`` per row. Returns Result(tokens per row, stats).
 
     sampler: one of SAMPLERS ("ar" here; block samplers register themselves). Rows stop independently on
     ``eos_id``, on a ``stop`` sequence (list of id lists) or on the budget. ``trace=True`` keeps every step's
     drafts, accepted counts and next tokens (for notebooks and debugging). ``pad_to``: the padded prompt length is
     rounded up to a multiple of it, so prompts of similar lengths share one compiled prefill and step.
+    ``loop``: "host" (a Python loop, one sync per step, live progress bar) or "device" (all steps in one
+    ``lax.while_loop`` executable: no per-step dispatch or sync; same tokens and statistics).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    if loop not in ("host", "device"):
+        raise ValueError(f"loop={loop!r}; use 'host' (Python loop, progress bar) or 'device' (one lax.while_loop)")
     cfg, params, impl = model.config, model.params, model.impl
     rows = _as_rows(prompt_ids)
     pad_to = max(int(pad_to), 1)
@@ -96,7 +121,7 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     opts = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id, max_new=max_new_tokens,
                 stop=tuple(tuple(int(t) for t in s) for s in stop) if stop else None, **sampler_opts)
     opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
-    pre, init, step, compiled = _jitted(sampler, cfg, impl, tuple(sorted(opts.items())))
+    pre, init, step, run, compiled = _jitted(sampler, cfg, impl, tuple(sorted(opts.items())))
 
     prompt = np.full((B, Tp), cfg.pad_token_id, np.int32)
     for b, r in enumerate(rows):
@@ -111,21 +136,29 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
         state = init(params, state)
     jax.block_until_ready(state.n)
     prefill_s = time.perf_counter() - t0
-    step_c = _compiled(compiled, step, (params, state))
+    step_c = _compiled(compiled, step if loop == "host" else run, (params, state))
     t1 = time.perf_counter()
     infos = []
     bar = tqdm(total=B * max_new_tokens, desc=f"generate[{sampler}]", unit="tok", disable=not progress)
-    done_tokens = 0
-    while True:
-        state, info = step_c(params, state)
-        infos.append(info)
-        n_B, done_B = jax.device_get((state.n, state.done))  # one host sync per step; rows finish independently
-        bar.update(int(n_B.sum()) - done_tokens)
-        done_tokens = int(n_B.sum())
-        if done_B.all():
-            break
+    if loop == "device":
+        state, bufs, steps = step_c(params, state)
+        steps = int(steps)  # waits for the whole loop
+        t2 = time.perf_counter()
+        bufs = jax.device_get(bufs)
+        infos = [jax.tree.map(lambda b: b[i], bufs) for i in range(steps)]
+        bar.update(int(np.asarray(state.n).sum()))
+    else:
+        done_tokens = 0
+        while True:
+            state, info = step_c(params, state)
+            infos.append(info)
+            n_B, done_B = jax.device_get((state.n, state.done))  # one host sync per step; rows finish independently
+            bar.update(int(n_B.sum()) - done_tokens)
+            done_tokens = int(n_B.sum())
+            if done_B.all():
+                break
+        t2 = time.perf_counter()
     bar.close()
-    t2 = time.perf_counter()
     out, n = np.asarray(state.out), np.asarray(state.n)
     tokens = [out[b, : n[b]].tolist() for b in range(B)]
     forwards = int(state.forwards)
