@@ -46,21 +46,21 @@ def test_samplers_smoke(tmp_path):
     grid = [dict(sampler="two_forward", block_size=2, levels=None, acceptance="greedy", batch=2)]
     # 3 prompts in batches of 2: two generate calls per config, pooled
     rows = samplers.run(out=str(tmp_path), grid=grid, max_new_tokens=3, repeats=1, compile_cache=False, prompt_len=4,
-                        num_prompts=3, loop="device")
+                        num_prompts=3)
     (r,) = rows
     for k in ("config", "acceptance", "batch", "tokens_per_forward", "tokens_per_step", "tokens_per_step_hist",
               "acceptance_per_position", "useful_slot_fraction", "speedup", "speedup_e2e", "equal_ar",
               "seconds", "ar_seconds"):
         assert k in r, k
-    assert r["equal_ar"] is True and r["loop"] == "device"  # greedy two-forward is exactly AR
+    assert r["equal_ar"] is True and r["loop"] == "host"  # greedy two-forward is exactly AR
     # 3 new tokens per row, the first from the prefill, K + 1 = 3 per step: one perfect step per batch of 2
     assert r["oracle_steps"] == 2 and r["speedup_oracle"] >= r["speedup"] * (1 - 1e-9)
     assert len(r["acceptance_per_position"]) == 2 and r["batch"] == 2 and r["prompts"] == 3 and r["tokens"] == 9
     for f in ("samplers.md", "samplers.csv", "samplers.json", "samplers_acceptance.png", "samplers_speedup.png"):
         assert os.path.getsize(tmp_path / f) > 0
     data = json.loads((tmp_path / "samplers.json").read_text())
-    assert "RANDOM" in data["model"] and data["rows"][0]["config"] == "TF K=2" and data["loop"] == "device"
-    assert "decode loop: device" in (tmp_path / "samplers.md").read_text()
+    assert "RANDOM" in data["model"] and data["rows"][0]["config"] == "TF K=2" and data["loop"] == "host"
+    assert "decode loop: host" in (tmp_path / "samplers.md").read_text()
 
 
 def test_pooled_stats_equal_one_run_over_all_rows():

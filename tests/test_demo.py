@@ -14,7 +14,8 @@ def test_summary_lists_every_sampler_row_with_its_bound():
     ev = {"model": {"ar_loss": 2.0, "diff_acc_per_pos": [0.5, 0.25]}, "base": {"ar_loss": 2.5},
           "sft": {"task_em": 0.75, "diff_acc_per_pos": [0.9]}}
     rows = [dict(config="SF K=15 L=0", batch=1, tokens_per_forward=3.5, tokens_per_step=2.8,
-                 acceptance_per_position=[0.8, 0.9, 0.95, 0.97, 1.0], speedup=1.51, speedup_oracle=2.31, equal_ar=True, loop="device"),
+                 acceptance_per_position=[0.8, 0.9, 0.95, 0.97, 1.0], speedup=1.51, speedup_oracle=2.31, equal_ar=True,
+                 loop="device"),
             dict(config="TF K=15 mask-anchor", batch=8, tokens_per_forward=1.2, tokens_per_step=2.8,
                  acceptance_per_position=[0.8], speedup=0.64, speedup_oracle=None, equal_ar=False)]
     st = {"steps": 3, "tokens_per_s": 10.0, "device": "cpu"}

@@ -310,7 +310,8 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
         "(TF = 2 forwards); useful slots: committed tokens / query tokens computed; break-even tok/step: ms/step / AR "
         "ms/step, the tokens per step this layout needs to match AR on this machine; speedup (decode): AR decode-loop "
         "seconds / config decode-loop seconds; bound: the decode speedup if every block were fully accepted (the "
-        "fewest steps that produce the same outputs, at this layout's measured ms/step); (+prefill) adds the prefill and the samplers' initial drafting "
+        "fewest steps that produce the same outputs, at this layout's measured ms/step); (+prefill) adds the prefill "
+        "and the samplers' initial drafting "
         "forward; = AR: every row's tokens equal AR's (greedy lossless check).", "",
         common.md_table(acc_rows, ["config", "acceptance", "batch", ("per_position", "acceptance per draft position"),
                                    ("hist", "tokens/step histogram (0,1,2,..)")],
