@@ -47,18 +47,20 @@ def test_mask_anchor_and_block_causal_are_exact_too(model, ar_ref):
 
 
 def _drive(model, sampler, rows, steps, **opts):
-    """Run prefill/init/steps by hand; return the final state."""
+    """Run prefill/init/steps by hand (each jitted: eager dispatch compiles every op shape, minutes on 2 cores);
+    return the final state."""
     c, p, impl = model.config, model.params, Impl()
     B, Tp = len(rows), max(map(len, rows))
     prompt = np.zeros((B, Tp), np.int32)
     for b, r in enumerate(rows):
         prompt[b, :len(r)] = r
     o = dict(temperature=0.0, top_k=None, top_p=None, eos_id=None, max_new=64, stop=None, **opts)
-    st = prefill(p, c, impl, jnp.asarray(prompt), jnp.array([len(r) for r in rows]), init_cache(c, B, 160), 64,
-                 jax.random.PRNGKey(0))
-    st = sampler.init(p, c, impl, o, st)
+    st = jax.jit(lambda p, prompt, lengths, cache, key: prefill(p, c, impl, prompt, lengths, cache, 64, key))(
+        p, jnp.asarray(prompt), jnp.array([len(r) for r in rows]), init_cache(c, B, 160), jax.random.PRNGKey(0))
+    st = jax.jit(lambda p, st: sampler.init(p, c, impl, o, st))(p, st)
+    step = jax.jit(lambda p, st: sampler.step(p, c, impl, o, st)[0])
     for _ in range(steps):
-        st, _ = sampler.step(p, c, impl, o, st)
+        st = step(p, st)
     return st
 
 
@@ -94,7 +96,8 @@ def test_cache_equals_fresh_prefill_of_committed_tokens(model, sampler, pending)
         L = seq.shape[1]
         assert int(st.cache.length[b]) == L
         fresh = init_cache(c, 1, 160)
-        _, chunk, _ = apply(model.params, c, seq, layout_lib.causal(1, L), fresh)
+        _, chunk, _ = jax.jit(lambda p, s, f: apply(p, c, s, layout_lib.causal(1, s.shape[1]), f))(model.params, seq,
+                                                                                                   fresh)
         for name in ("k", "v", "xqk", "vd"):
             got = np.asarray(getattr(st.cache, name)[:, b, :L])
             np.testing.assert_allclose(got, np.asarray(getattr(chunk, name)[:, 0]), atol=5e-5)
