@@ -92,7 +92,7 @@ def main(args):
         rows += bench_samplers.run(model_path=os.path.join(out, "sft", "model"),
                                    out=os.path.join(out, "samplers" if loop == "host" else "samplers_device"),
                                    grid=grid[:2] if quick else grid, prompts="tasks", max_new_tokens=24,
-                                   num_prompts=8 if quick else 32, repeats=1 if quick else 3, loop=loop)
+                                   num_prompts=8 if quick else 32, repeats=1 if quick else 2, loop=loop)
     ev["sft"] = ev_sft
     md = summary(sa, sb, ev, rows, t_train, time.perf_counter() - t0, sc)
     print(md, flush=True)
