@@ -208,6 +208,7 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
     st, ar_st = pooled(res), pooled(ar_ref)
     equal_rows = [a == b for x, y in zip(ar_ref, res) for a, b in zip(x.tokens, y.tokens)]
     sec, ar_sec = statistics.median(s_s), statistics.median(ar_s)
+    step_s, ar_step_s = sec / max(st["steps"], 1), ar_sec / max(ar_st["steps"], 1)
     # With perfect drafts (every block fully accepted), at this layout's measured cost per step: how much of the gap
     # to AR is drafting quality and how much is the step's cost on this machine.
     best = oracle_steps(res, cfg["block_size"] + 1) if cfg["sampler"] in ("two_forward", "single_forward") else None
@@ -226,13 +227,13 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
         "acceptance_reached": st.get("acceptance_reached"),
         "useful_slot_fraction": st.get("useful_slot_fraction"),
         "query_tokens_per_step": st.get("query_tokens_per_step"),
-        "seconds": sec, "ar_seconds": ar_sec, "ms_per_step": 1e3 * sec / max(st["steps"], 1),
-        "ar_ms_per_step": 1e3 * ar_sec / max(ar_st["steps"], 1),
+        "seconds": sec, "ar_seconds": ar_sec, "ms_per_step": 1e3 * step_s,
+        "ar_ms_per_step": 1e3 * ar_step_s,
         "tokens_per_s": st["tokens"] / sec, "ar_tokens_per_s": ar_st["tokens"] / ar_sec,
         "speedup": ar_sec / sec, "speedup_e2e": ar_e2e / e2e, "oracle_steps": best,
-        "speedup_oracle": None if not best else ar_sec / (sec / max(st["steps"], 1) * best),
+        "speedup_oracle": None if not best else ar_sec / (step_s * best),
         # tokens/step at which this layout's step would match AR's time per token on this machine
-        "breakeven_tokens_per_step": (sec / max(st["steps"], 1)) / (ar_sec / max(ar_st["steps"], 1)),
+        "breakeven_tokens_per_step": step_s / ar_step_s,
         "equal_ar": all(equal_rows), "rows_equal_ar": float(np.mean(equal_rows)),
         "seconds_all": s_s, "ar_seconds_all": ar_s, "repeats": repeats,
     }
