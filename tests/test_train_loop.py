@@ -82,44 +82,87 @@ def test_exported_model_loads_and_exports(pretrained, tmp_path):
     assert os.path.exists(tmp_path / "hf" / "config.json")
 
 
-def _train_cli(workdir, spec, overrides, cache, kill_after=None):
+def _train_cli(workdir, spec, overrides, cache, kill_env=None):
+    """``zaya train`` in a subprocess; ``kill_env``: one of loop.py's / checkpoint.py's test kill hooks."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
-    env.pop("ZAYA_TEST_KILL_AFTER_STEP", None)
-    if kill_after:
-        env["ZAYA_TEST_KILL_AFTER_STEP"] = str(kill_after)
+    for k in ("ZAYA_TEST_KILL_AFTER_STEP", "ZAYA_TEST_KILL_IN_SAVE"):
+        env.pop(k, None)
+    env.update(kill_env or {})
     cmd = [sys.executable, "-m", "zaya.cli", "train", "--config", spec, "--workdir", workdir,
            *[f"--config.{o}" for o in overrides]]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_kill9_resume_reproduces_losses_from_converted_checkpoint(pretrained, tmp_path):
-    """(b) TiDAR conversion started from (a)'s model folder (as from a `zaya convert` output): a run killed with
-    SIGKILL right after its step-4 checkpoint and resumed gives the same per-step losses as an uninterrupted one."""
-    import zaya
+def _ckpt_dirs(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def _steps(workdir):
+    return [x["step"] for x in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def converted(pretrained, tmp_path_factory):
+    """(b) TiDAR conversion started from (a)'s model folder (as from a `zaya convert` output), 6 steps, checkpoints
+    every 2, keep 2: an uninterrupted run, and one killed twice with SIGKILL then finished. Kill 1 lands inside the
+    async save of step 4 (files written, not committed); kill 2 right after step 5, between the checkpoints 4 and 6.
+    Returns (full workdir, killed workdir, {phase: (checkpoint folder listing, metrics steps)} after each kill)."""
     wd_a, _ = pretrained
+    tmp = tmp_path_factory.mktemp("convert")
     spec = os.path.join(EXP, "tidar_convert.py:tiny")
-    ov = [f"init_from={wd_a}/model", "num_steps=6", "checkpoint.every_steps=2", "optim.warmup_steps=1",
-          "eval.num_batches=0", "log.plots=false", *QUIET]
-    cache = str(tmp_path / "jax_cache")
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    ov = [f"init_from={wd_a}/model", "num_steps=6", "checkpoint.every_steps=2", "checkpoint.keep=2",
+          "optim.warmup_steps=1", "eval.num_batches=0", "log.plots=false", *QUIET]
+    cache = str(tmp / "jax_cache")
+    full, killed = str(tmp / "full"), str(tmp / "killed")
     r = _train_cli(full, spec, ov, cache)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _train_cli(killed, spec, ov, cache, kill_after=4)
-    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
-    assert [x["step"] for x in read_jsonl(os.path.join(killed, "metrics.jsonl"))] == [1, 2, 3, 4]
-    assert not os.path.exists(os.path.join(killed, "model"))
+    seen = {}
+    kills = (("in_save_4", {"ZAYA_TEST_KILL_IN_SAVE": "4"}), ("after_5", {"ZAYA_TEST_KILL_AFTER_STEP": "5"}))
+    for phase, kill in kills:
+        r = _train_cli(killed, spec, ov, cache, kill)
+        assert r.returncode == -signal.SIGKILL, (phase, r.returncode, r.stderr[-3000:])
+        assert not os.path.exists(os.path.join(killed, "model"))
+        seen[phase] = (_ckpt_dirs(killed), _steps(killed))
     r = _train_cli(killed, spec, ov, cache)
     assert r.returncode == 0, r.stderr[-3000:]
+    return full, killed, seen
+
+
+def test_kill9_during_async_save_leaves_last_complete_checkpoint(converted):
+    _, _, seen = converted
+    dirs, steps = seen["in_save_4"]
+    assert dirs[0] == "2" and len(dirs) == 2 and dirs[1].startswith("4.") and "tmp" in dirs[1], dirs  # 4: uncommitted
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4  # the main thread may have gone on a step
+
+
+def test_kill9_mid_interval_replays_lost_steps_once(converted):
+    """The resume after the in-save kill restarts from step 2 (cutting the log back to it), the tmp folder is gone,
+    and a kill after step 5 leaves step 5 logged past the last checkpoint (4); the final resume replays it."""
+    _, killed, seen = converted
+    assert seen["after_5"] == (["2", "4"], [1, 2, 3, 4, 5])
     with open(os.path.join(killed, "summary.json")) as f:
         assert json.load(f)["resumed_from"] == 4
-    a, b = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(killed, "metrics.jsonl"))
-    assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "ar_loss", "diff_loss", "grad_norm"):
-        np.testing.assert_allclose([x[key] for x in b], [x[key] for x in a], rtol=1e-6, atol=0, err_msg=key)
-    assert a[0]["diff_loss"] > a[0]["ar_loss"]  # the diffusion half starts untrained, the AR half does not
-    pa, pb = zaya.load(os.path.join(full, "model")).params, zaya.load(os.path.join(killed, "model")).params
+
+
+def test_kill9_resume_reproduces_losses_from_converted_checkpoint(converted):
+    """After both kills the per-step losses (exactly), logs, kept checkpoints and final params equal the
+    uninterrupted run's."""
     import jax
+    import zaya
+    full, killed, _ = converted
+    a, b = read_jsonl(os.path.join(full, "metrics.jsonl")), read_jsonl(os.path.join(killed, "metrics.jsonl"))
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]  # each step exactly once
+    for key in ("loss", "ar_loss", "diff_loss", "grad_norm"):  # bitwise: same executables (shared compile cache)
+        assert [x[key] for x in b] == [x[key] for x in a], key
+    assert a[0]["diff_loss"] > a[0]["ar_loss"]  # the diffusion half starts untrained, the AR half does not
+    assert _ckpt_dirs(full) == _ckpt_dirs(killed) == ["4", "6"]  # keep=2: only the newest two, no tmp folders
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(os.path.join(killed, "tb"), size_guidance={"scalars": 0})
+    tb.Reload()  # three runs wrote events; the replayed steps 3-5 are there once (the resume's START purges)
+    assert [(e.step, e.value) for e in tb.Scalars("train/loss")] == [
+        (x["step"], pytest.approx(x["loss"])) for x in b]
+    pa, pb = zaya.load(os.path.join(full, "model")).params, zaya.load(os.path.join(killed, "model")).params
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 

@@ -5,7 +5,8 @@
   WORKDIR/tb/events.out...     scalars (vectors as tag/i), 2-D metrics (per-layer expert usage) as histograms
 
 On resume the JSONL files are cut back to the restored step, so a run killed after its last checkpoint and resumed
-has exactly one record per step.
+has exactly one record per step. TensorBoard gets a SessionLog START at the first step a run writes, on which its reader
+drops the older events of that step and later (the steps replayed after a resume); it is flushed at each checkpoint.
 """
 from __future__ import annotations
 
@@ -65,13 +66,16 @@ class JsonlWriter:
 
 
 class TensorBoard:
-    """Minimal TensorBoard writer on tensorboard's own EventFileWriter and protos."""
+    """Minimal TensorBoard writer on tensorboard's own EventFileWriter and protos; ``start_step``: the step a run
+    resumes from (0 when fresh)."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, start_step: int = 0):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
         from tensorboard.compat.proto import event_pb2, summary_pb2
         self._ev, self._sm = event_pb2, summary_pb2
         self.w = EventFileWriter(logdir)
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self.w.add_event(event_pb2.Event(wall_time=time.time(), step=int(start_step) + 1, session_log=start))
 
     def _add(self, step: int, values: list):
         self.w.add_event(self._ev.Event(wall_time=time.time(), step=int(step), summary=self._sm.Summary(value=values)))
@@ -103,6 +107,9 @@ class TensorBoard:
                     self.histogram(step, f"{prefix}{k}/{i}", row)
         if scal:
             self.scalars(step, scal)
+
+    def flush(self):
+        self.w.flush()
 
     def close(self):
         self.w.flush()

@@ -10,8 +10,10 @@ and step), so the loss trajectory equals an uninterrupted run. Start-up checks f
 config (``configs.validate``), the tokenizer against the model vocab, the corpus (empty -> error), ``init_from``
 shapes against the model config, and a resumed checkpoint against the model and optimizer config.
 
-Test hook: with ``ZAYA_TEST_KILL_AFTER_STEP=k`` the process SIGKILLs itself right after step k's checkpoint is
-committed (``tests/test_train_resume.py``).
+Test hooks (``tests/test_train_loop.py``): with ``ZAYA_TEST_KILL_AFTER_STEP=k`` the process SIGKILLs itself right
+after step k (its metrics logged, pending checkpoint saves committed; k need not be a checkpoint step, so the steps
+since the last checkpoint are lost and replayed on resume); ``ZAYA_TEST_KILL_IN_SAVE=k`` (checkpoint.py) kills it
+while step k's async save is in flight.
 """
 from __future__ import annotations
 
@@ -168,7 +170,7 @@ def train(cfg, workdir: str, loss_fn=None) -> dict:
         for p in (paths["metrics"], paths["eval"]):
             logs.truncate_jsonl(p, start)
     jl = logs.JsonlWriter(paths["metrics"]) if lead else None
-    tb = logs.TensorBoard(os.path.join(run.workdir, "tb")) if lead and cfg.log.tensorboard else None
+    tb = logs.TensorBoard(os.path.join(run.workdir, "tb"), start) if lead and cfg.log.tensorboard else None
     eval_batches = evaluate.eval_batches(cfg, run.tok)
     eval_fn = evaluate.make_eval_fn(run.model_cfg, run.opts, run.impl, run.loss_fn, bool(cfg.impl.fast_compile))
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
@@ -200,11 +202,13 @@ def train(cfg, workdir: str, loss_fn=None) -> dict:
             _eval(run, state, eval_fn, eval_batches, step, paths["eval"], tb, lead)
         if step % cfg.checkpoint.every_steps == 0 or step == cfg.num_steps:
             run.ckpt.save(step, state.as_dict(), run.train_iter.get_state(), run.meta(step, state))
-            if kill_at and step >= kill_at:
-                run.ckpt.wait()
-                if jl:
-                    jl.close()
-                os.kill(os.getpid(), signal.SIGKILL)
+            if tb:  # else a kill -9 loses the buffered events (flushed every 2 min) up to this checkpoint for good
+                tb.flush()
+        if step == kill_at:
+            run.ckpt.wait()  # deterministic for the test: the last checkpoint is step k's, or the one before it
+            if jl:
+                jl.close()
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     run.ckpt.close()
     done = [r for r in logs.read_jsonl(paths["eval"]) if r.get("step") == step] if start == step else []
