@@ -1,0 +1,224 @@
+"""``zaya generate`` in-process: ids and text prompts, the printed stats, the EOS default, the sampler knobs, and
+clear errors (exit code 2) for bad flags. Generated ids are compared with ``zaya.generate`` for the same settings
+(same options -> the same compiled executables, so each comparison compiles once)."""
+import inspect
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import zaya
+from zaya import cli as zaya_cli
+from zaya.convert import checkpoint as ckpt
+from zaya.decode import acceptance
+from zaya.decode import block, cli
+from zaya.decode import generate as gen_mod
+from zaya.model.params import map_specs, param_specs
+
+N = 8  # max new tokens everywhere: one padded prompt shape and one budget, so the runs share compiles
+PROMPTS = [[2, 17, 301, 45], [2, 9]]
+
+
+def argv(model, *flags, prompts=PROMPTS):
+    out = [model, "--max-new-tokens", str(N)]
+    for p in prompts:
+        out += ["--prompt", ",".join(map(str, p))]
+    return out + list(flags)
+
+
+def random_params(c, seed=0):
+    """zaya.model.init's recipe (std 0.3) plus conftest.randomize's perturbation, in numpy: no compile, and a model
+    whose greedy continuations vary (the fixture's small weights repeat one token)."""
+    rng = np.random.default_rng(seed)
+
+    def one(spec):
+        shape, _, kind = spec
+        x = np.zeros(shape, np.float32)
+        if kind == "normal":
+            x = 0.3 * rng.standard_normal(shape, np.float32)
+        elif kind == "conv":  # near-identity newest tap, as init
+            x = 0.1 * rng.standard_normal(shape, np.float32)
+            x[:, 1] += 1.0 if len(shape) == 3 else np.eye(shape[-1], dtype=np.float32)
+        elif kind == "bias":
+            x[..., -1] = -1.0
+        elif kind == "ones":
+            x[:] = 1.0
+        return x + rng.standard_normal(shape, np.float32) * 0.3 * (np.abs(x).mean() + 0.05)
+    return map_specs(one, param_specs(c))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A zaya checkpoint folder of the tiny preset with random weights (eos 106, bos 2, vocab 512)."""
+    d = str(tmp_path_factory.mktemp("gen") / "m")
+    c = zaya.preset("tiny")
+    ckpt.save(d, random_params(c), c)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok_dir(model_dir, tmp_path_factory):
+    """The same model with a small BPE tokenizer.json (BOS = id 2, as the config)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("tok") / "m"
+    shutil.copytree(model_dir, d)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "hello world, hello there"] * 20, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def free(model_dir):
+    """Greedy AR continuations of PROMPTS without any stop (the compiled set the --no-eos runs share)."""
+    return zaya.generate(zaya.load(model_dir), PROMPTS, max_new_tokens=N).tokens
+
+
+def cut(row, eos, stops):
+    """Reference: a row ends right after its first EOS or completed stop sequence."""
+    for j in range(len(row)):
+        if row[j] == eos or any(row[max(j + 1 - len(s), 0): j + 1] == s for s in stops):
+            return row[: j + 1]
+    return row
+
+
+def test_ids_prompt_matches_api_and_prints_stats(model_dir, free, capsys):
+    res = cli.main(argv(model_dir, "--no-eos"))
+    assert res.tokens == free and [len(t) for t in free] == [N, N]
+    out = capsys.readouterr().out
+    assert f"prompt {PROMPTS[0]} -> {free[0]}" in out and f"prompt {PROMPTS[1]} -> {free[1]}" in out
+    s = res.stats
+    assert f"[ar] {s['tokens']} tokens in " in out and s["tokens"] == 2 * N
+    assert f"{s['forwards']} forwards, {s['tokens_per_forward']:.2f} tokens/forward/row" in out
+
+
+SF = ("--sampler", "single_forward", "--block-size", "4", "--levels", "0,2,4")
+
+
+def test_single_forward_matches_api_and_ar(model_dir, free, capsys):
+    """Greedy acceptance is lossless: the block sampler's ids equal the AR ids; the acceptance stats print."""
+    res = cli.main(argv(model_dir, "--no-eos", *SF))
+    ref = zaya.generate(zaya.load(model_dir), PROMPTS, sampler="single_forward", max_new_tokens=N, block_size=4,
+                        levels=(0, 2, 4))
+    assert res.tokens == ref.tokens == free
+    s, out = res.stats, capsys.readouterr().out
+    assert f"[single_forward] {s['tokens']} tokens in " in out
+    assert f"useful slots {s['useful_slot_fraction']:.3f}, acceptance per position " in out
+
+
+@pytest.mark.parametrize("sampler", ["ar", "single_forward"])
+def test_text_prompt(tok_dir, model_dir, sampler, capsys):
+    """Text prompts go through tokenizer.json with BOS prepended; the output is decoded (same compiles as above)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    texts = ["hello world", "the cat sat"]
+    flags = ["--no-eos", "--max-new-tokens", str(N)] + [x for t in texts for x in ("--prompt", t)]
+    res = cli.main([tok_dir, *flags, *(SF if sampler != "ar" else ())])
+    ids = [[2] + tok.encode(t).ids for t in texts]
+    assert all(len(r) < 16 for r in ids)  # one padded prompt shape with the id tests
+    kw = dict(block_size=4, levels=(0, 2, 4)) if sampler != "ar" else {}
+    ref = zaya.generate(zaya.load(model_dir), ids, sampler=sampler, max_new_tokens=N, **kw)
+    assert res.tokens == ref.tokens
+    out = capsys.readouterr().out
+    assert f"prompt {ids[1]} -> {tok.decode(ref.tokens[1])}" in out
+
+
+def test_eos_defaults_to_the_config_and_stop_ids(model_dir, free, tmp_path):
+    """eos_token_id in the config = the token greedy decoding emits at step 2 of row 0: that row stops there (EOS
+    kept); row 1 stops after a --stop sequence of its own. --eos-id -1 and --no-eos decode through."""
+    i = next(i for i in range(2, N) if free[0][i] not in free[0][:i])  # a token that is new at step >= 2
+    eos = free[0][i]
+    j = next(j for j in range(2, N - 1) if free[1][j] != eos)
+    stop = free[1][j - 1: j + 1]
+    src = shutil.copytree(model_dir, tmp_path / "m")
+    cfg = json.load(open(src / "zaya_config.json"))
+    json.dump(dict(cfg, eos_token_id=eos), open(src / "zaya_config.json", "w"))
+    res = cli.main(argv(str(src), "--stop", ",".join(map(str, stop))))
+    assert res.tokens == [cut(r, eos, [stop]) for r in free]
+    assert len(res.tokens[0]) == i + 1 <= N and res.tokens[0][-1] == eos and len(res.tokens[1]) <= j + 1 < N
+    assert cli.main(argv(str(src), "--eos-id", "-1")).tokens == free
+    assert cli.main(argv(str(src), "--no-eos")).tokens == free
+
+
+def test_flags_map_to_generate_kwargs(model_dir, tok_dir, monkeypatch):
+    """Cheap (no decoding): what each flag becomes, through main(argv) and through the top-level `zaya` parser."""
+    calls = []
+    monkeypatch.setattr(zaya, "generate", lambda model, **kw: calls.append(kw) or gen_mod.Result(
+        [[] for _ in kw["prompt_ids"]], {"sampler": "x", "tokens": 0, "seconds": 1.0, "tokens_per_s": 0.0,
+                                         "forwards": 0, "tokens_per_forward": 0.0}))
+    cli.main(argv(model_dir, "--stop", "5,6", "--stop", "7", "--sampler", "two_forward",
+                  "--acceptance", "topk", "--rule-option", "k=3", "--rule-option", "r=0.5", "--block-size", "2"))
+    kw = calls.pop()
+    assert kw["eos_id"] == 106 and kw["stop"] == [[5, 6], [7]] and kw["prompt_ids"] == PROMPTS
+    assert (kw["k"], kw["r"], kw["block_size"], kw["acceptance"]) == (3, 0.5, 2, "topk")
+    assert kw["mix_weight"] is None and kw["anchor"] is None and kw["draft_temperature"] is None  # sampler defaults
+    cli.main(argv(model_dir, "--sampler", "two_forward", "--acceptance", "typical", "--rule-option", "epsilon=0.2",
+                  "--draft-temperature", "0.7", "--mix-weight", "0.5", "--anchor", "mask", "--eos-id", "7"))
+    kw = calls.pop()
+    assert (kw["epsilon"], kw["draft_temperature"], kw["mix_weight"], kw["anchor"], kw["eos_id"]) == \
+        (0.2, 0.7, 0.5, "mask", 7)
+    # every keyword is one zaya.generate or the block samplers read (generate passes unknown ones on silently)
+    known = set(inspect.signature(gen_mod.generate).parameters) | set(block.DEFAULTS) | {"epsilon", "delta", "k", "r"}
+    assert set(kw) <= known, set(kw) - known
+    zaya_cli.main(["generate", model_dir, "--max-new-tokens", "3"])  # top-level parser: EOS default, BOS prompt
+    kw = calls.pop()
+    assert (kw["eos_id"], kw["prompt_ids"], kw["max_new_tokens"], kw["stop"]) == (106, [[2]], 3, None)
+    cli.main([tok_dir, "--prompt", "the cat", "--stop", "the mat"])  # text stop: no BOS
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    kw = calls.pop()
+    assert kw["stop"] == [tok.encode("the mat").ids] and kw["prompt_ids"] == [[2] + tok.encode("the cat").ids]
+
+
+def test_rule_options_cover_the_acceptance_rules():
+    """RULE_OPTIONS lists exactly the knobs each registered rule reads from its options (no drift)."""
+    shared = {"temperature", "top_k", "top_p", "draft_logits", "diff_logits"}
+    for name, fn in acceptance.ACCEPTANCE.items():
+        keys = set(re.findall(r'o\.get\("(\w+)"', inspect.getsource(fn))) - shared
+        assert keys == set(cli.RULE_OPTIONS.get(name, {})), name
+
+
+BAD = [
+    (["--sampler", "beam"], "choose one of"),
+    (["--sampler", "two_forward", "--acceptance", "nope"], "--acceptance 'nope'"),
+    (["--sampler", "two_forward", "--acceptance", "typical", "--rule-option", "k=2"],
+     "'k' is not an option of acceptance 'typical'; its options are epsilon, delta"),
+    (["--sampler", "two_forward", "--rule-option", "k=2"], "acceptance 'greedy'; it has no options"),
+    (["--sampler", "two_forward", "--acceptance", "topk", "--rule-option", "k"], "KEY=VALUE"),
+    (["--sampler", "two_forward", "--acceptance", "topk", "--rule-option", "k=two"], "not a valid int"),
+    (["--sampler", "two_forward", "--acceptance", "topk", "--rule-option", "k=0"], "must be >= 1"),
+    (["--mix-weight", "0.5"], "only apply to the block samplers"),
+    (["--sampler", "two_forward", "--mix-weight", "1.5"], "--mix-weight 1.5: must be in [0, 1]"),
+    (["--sampler", "two_forward", "--anchor", "left"], "invalid choice: 'left'"),
+    (["--sampler", "two_forward", "--draft-temperature", "-1"], "--draft-temperature -1.0: must be >= 0"),
+    (["--sampler", "two_forward", "--block-size", "0"], "--block-size 0"),
+    (["--sampler", "two_forward", "--levels", "0,2"], "only applies to --sampler single_forward"),
+    (["--sampler", "single_forward", "--block-size", "4", "--levels", "1,2"], "--levels '1,2'"),
+    (["--sampler", "single_forward", "--block-size", "4", "--levels", "0,8"], "--levels '0,8'"),
+    (["--eos-id", "512"], "--eos-id 512: must be in [0, 512) or -1"),
+    (["--eos-id", "x"], "invalid int value"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--temperature", "-0.5"], "--temperature -0.5"),
+    (["--top-k", "0"], "--top-k 0"),
+    (["--top-p", "1.5"], "--top-p 1.5"),
+    (["--prompt", "2,512"], "--prompt id 512 is outside the model's vocabulary [0, 512)"),
+    (["--prompt", "once upon"], "needs a tokenizer.json"),
+    (["--stop", "the end"], "needs a tokenizer.json"),
+    (["--stop", "600"], "--stop id 600"),
+]
+
+
+@pytest.mark.parametrize("flags,msg", BAD, ids=[" ".join(f) for f, _ in BAD])
+def test_bad_flags_exit_2_with_a_clear_message(model_dir, capsys, flags, msg):
+    with pytest.raises(SystemExit) as e:
+        cli.main([model_dir, *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "zaya generate: error:" in err and msg in err, err
