@@ -23,6 +23,7 @@ CASES = {  # one compiled loss per case, shared by the tests below
     "C": TidarOptions(block_size=2, anchor=True, block_causal=True, masking="random", mask_ratio=0.6,
                       doc_masking=False),
     "D": TidarOptions(block_size=4, block_start="document", prompt_masking=True),
+    "E": TidarOptions(block_size=2, anchor="mask", anchor_loss=True, prompt_masking=True, position_gamma=0.5),
 }
 RNG = jax.random.PRNGKey(11)
 _loss = jax.jit(loss_fn, static_argnums=(1, 3, 5))
@@ -91,10 +92,12 @@ def _dense_case(c, name):
     B = x.shape[0]
     masked = (np.asarray(jax.random.bernoulli(RNG, opts.mask_ratio, (B, S))) if opts.masking == "random"
               else np.ones((B, S), bool))
-    slots, pos, mask = reference_layout(doc, opts.block_size, anchor=opts.anchor, block_causal=opts.block_causal,
-                                        doc_aligned=opts.anchor or opts.block_start == "document")
+    anchored = opts.anchor != "none"
+    slots, pos, mask = reference_layout(doc, opts.block_size, anchor=anchored, block_causal=opts.block_causal,
+                                        doc_aligned=anchored or opts.block_start == "document")
     tok = np.array([[x[r, i] if k == "clean" or (k == "mask" and not masked[r, i]) else
-                     x[r, i - 1] if k == "anchor" else c.mask_token_id for k, i in slots[r]] for r in range(B)])
+                     x[r, i - 1] if k == "anchor" and opts.anchor == "token" else c.mask_token_id
+                     for k, i in slots[r]] for r in range(B)])
     return dict(batch=batch, doc=doc, masked=masked, slots=slots, pos=pos, mask=mask, tok=tok)
 
 
@@ -137,9 +140,15 @@ def _naive_loss(opts, d, logits):
     resp = lm > 0 if opts.prompt_masking else np.ones((B, S), bool)
     ar = [0.0, 0]
     df = [0.0, 0]
-    hits, cnt, first = np.zeros(b), np.zeros(b), [0, 0]
+    hits, cnt, first, anchor = np.zeros(b), np.zeros(b), np.zeros(4), [0, 0]
+    row = opts.block_start == "row" and opts.anchor == "none"
     for r in range(B):
         slot_of = {i: t for t, (k, i) in enumerate(slots[r]) if k == "mask"}
+        for t, (k, i) in enumerate(slots[r]):  # the anchor mask of the block at i predicts x_{i-1}
+            if opts.anchor_loss and k == "anchor" and resp[r, i - 1]:
+                df[0] += -logp[r, t, x[r, i - 1]]  # weight 1, in the same mean as the masks
+                anchor[0] += pred[r, t] == x[r, i - 1]
+                anchor[1] += 1
         for i in range(S):
             if doc[r, i] < 0:
                 continue
@@ -147,21 +156,22 @@ def _naive_loss(opts, d, logits):
                 ar[0] += -logp[r, i, x[r, i + 1]]
                 ar[1] += 1
             kb = i - i % b  # row blocks: a mask in a block owned by another document carries no loss
-            foreign = opts.block_start == "row" and not opts.anchor and doc[r, kb] >= 0 and doc[r, i] != doc[r, kb]
+            foreign = row and doc[r, kb] >= 0 and doc[r, i] != doc[r, kb]
             if resp[r, i] and masked[r, i] and not foreign:
                 t = slot_of[i]
-                k = i % b if (opts.block_start == "row" and not opts.anchor) else pos[r, i] % b
+                k = i % b if row else pos[r, i] % b
                 df[0] += w[k] * -logp[r, t, x[r, i]]
                 df[1] += 1
                 hits[k] += pred[r, t] == x[r, i]
                 cnt[k] += 1
-                if k == 0 and pos[r, i] > 0:
-                    first[0] += pred[r, t] == pred[r, i - 1]
-                    first[1] += 1
-    ar_loss, diff_loss = ar[0] / ar[1], df[0] / df[1]
+                if k == 0 and pos[r, i] > 0:  # agree, diffusion hit, AR hit (logit at i-1), count
+                    first += [pred[r, t] == pred[r, i - 1], pred[r, t] == x[r, i], pred[r, i - 1] == x[r, i], 1]
+    ar_loss, diff_loss = ar[0] / ar[1], df[0] / (df[1] + anchor[1])
     return dict(loss=(opts.alpha * ar_loss + diff_loss) / (1 + opts.alpha), ar_loss=ar_loss, diff_loss=diff_loss,
                 n_ar_tokens=ar[1], n_diff_tokens=df[1], diff_acc_per_pos=hits / np.maximum(cnt, 1),
-                diff_count_per_pos=cnt, first_slot_agree=first[0] / first[1], mask=d["mask"])
+                diff_count_per_pos=cnt, first_slot_agree=first[0] / first[3], diff_acc_first_ctx=first[1] / first[3],
+                ar_acc_first_ctx=first[2] / first[3], anchor_acc=anchor[0] / max(anchor[1], 1),
+                n_anchor_tokens=anchor[1], mask=d["mask"])
 
 
 def _check_against_reference(c, name, loss, m):
@@ -171,8 +181,10 @@ def _check_against_reference(c, name, loss, m):
     np.testing.assert_array_equal(layout_lib.dense_mask(bt["layout"]), ref["mask"])  # never built by the objective
     np.testing.assert_allclose(float(loss), ref["loss"], rtol=2e-5)
     np.testing.assert_allclose(float(m["loss"]), ref["loss"], rtol=2e-5)
-    for k in ("ar_loss", "diff_loss", "n_ar_tokens", "n_diff_tokens", "diff_acc_per_pos", "diff_count_per_pos",
-              "first_slot_agree"):
+    keys = ["ar_loss", "diff_loss", "n_ar_tokens", "n_diff_tokens", "diff_acc_per_pos", "diff_count_per_pos",
+            "first_slot_agree", "diff_acc_first_ctx", "ar_acc_first_ctx"]
+    assert ("n_anchor_tokens" in m) == opts.anchor_loss
+    for k in keys + ["anchor_acc", "n_anchor_tokens"] * opts.anchor_loss:
         np.testing.assert_allclose(np.asarray(m[k]), ref[k], rtol=2e-5, atol=1e-6, err_msg=k)
     L, E1 = c.num_layers, c.num_experts + 1
     assert m["expert_counts"].shape == (L, E1)
@@ -180,11 +192,12 @@ def _check_against_reference(c, name, loss, m):
     assert m["diff_acc_per_pos"].shape == (opts.block_size,)
 
 
-@pytest.mark.parametrize("name", ["A", "B", "D"])
+@pytest.mark.parametrize("name", ["A", "B", "D", "E"])
 def test_loss_matches_dense_reference(model, name):
     """Layout (vs the loop-built [T, T] mask), loss, its two terms and the metrics. Cases A, B and C (in
-    test_jit_eager_and_gradient) and D together cover block size, alpha, anchor, random masking, position
-    weights, documents on/off, prompt masking, block-causal attention and row- or document-started blocks."""
+    test_jit_eager_and_gradient), D and E together cover block size, alpha, token and mask anchors (with the
+    anchor loss), random masking, position weights, documents on/off, prompt masking, block-causal attention and
+    row- or document-started blocks."""
     c, p = model
     loss, m = _loss(p, c, batch_main(c), CASES[name], RNG, Impl())
     _check_against_reference(c, name, loss, m)
@@ -330,6 +343,38 @@ def test_diffusion_metrics_on_synthetic_predictions():
     np.testing.assert_allclose(float(m["first_slot_agree"]), 2 / 3, rtol=1e-6)
 
 
+_metrics = jax.jit(diffusion_metrics, static_argnums=1)
+
+
+def test_first_position_metrics_match_a_loop():
+    """diff_acc_first_ctx / ar_acc_first_ctx == a loop over the blocks' first tokens with context (a clean token
+    of their document before them) that are labels (not prompt), on the packed prompt-masked batch with row
+    blocks (A), document blocks (D) and mask anchors (E), from synthetic predictions that hit some of them."""
+    c = preset("tiny")
+    batch = batch_main(c)
+    x, doc, lm = batch["tokens"], batch["doc_ids"], batch["loss_mask"]
+    r_, i_ = np.indices(x.shape)
+    pred = np.where((3 * i_ + r_) % 5 < 3, x, 0)
+    ar_pred = np.where((i_ + r_) % 3 < 2, np.roll(x, -1, 1), 1)  # ar_pred[i - 1] is x_i where (i - 1 + r) % 3 < 2
+    for name in ("A", "D", "E"):
+        opts = CASES[name]
+        b = opts.block_size
+        bt = _build(x, doc, lm, opts, c.mask_token_id, RNG)
+        m = _metrics(bt, opts, jnp.zeros(x.shape), jnp.asarray(pred), jnp.asarray(ar_pred))
+        hits = []
+        for r in range(2):
+            pos = 0
+            for i in range(1, S):
+                pos = pos + 1 if doc[r, i] == doc[r, i - 1] else 0
+                starts = i % b == 0 if name == "A" else pos % b == 0  # row blocks vs document blocks
+                if doc[r, i] >= 0 and pos > 0 and starts and lm[r, i] > 0:
+                    hits.append((pred[r, i] == x[r, i], ar_pred[r, i - 1] == x[r, i]))
+        want = np.mean(hits, 0)
+        assert len(hits) >= 5 and 0 < want.min() and want.max() < 1, (name, hits)  # a comparison that can fail
+        np.testing.assert_allclose([float(m["diff_acc_first_ctx"]), float(m["ar_acc_first_ctx"])], want, rtol=1e-6,
+                                   err_msg=name)
+
+
 def test_chunked_ce_equals_full(model):
     c, p = model
     h = jax.random.normal(jax.random.PRNGKey(0), (2, 13, c.hidden_size))
@@ -345,7 +390,15 @@ def test_chunked_ce_equals_full(model):
                                       (dict(masking="half"), "masking"), (dict(mask_ratio=0.0), "mask_ratio"),
                                       (dict(position_gamma=0.0), "position_gamma"), (dict(mode="mlm"), "mode"),
                                       (dict(anchor=1), "anchor"), (dict(block_size=2.0), "block_size"),
-                                      (dict(ce_chunk=-1), "ce_chunk")])
+                                      (dict(ce_chunk=-1), "ce_chunk"), (dict(anchor="both"), "anchor"),
+                                      (dict(anchor_loss=True), "anchor_loss"),
+                                      (dict(anchor="token", anchor_loss=True), "anchor_loss")])
 def test_options_are_validated(kw, field):
     with pytest.raises(ValueError, match=f"TidarOptions.{field}="):
         TidarOptions(**kw)
+
+
+def test_anchor_option_reads_the_old_bool():
+    assert TidarOptions(anchor=True) == TidarOptions(anchor="token")
+    assert TidarOptions(anchor=False) == TidarOptions() and TidarOptions().anchor == "none"
+    assert TidarOptions(anchor=np.bool_(True)).anchor == "token"

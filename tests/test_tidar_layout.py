@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from zaya.config import preset
+from zaya.decode import layouts as decode_layouts
 from zaya.model import layout as layout_lib
 from zaya.model.cache import init_cache
 from zaya.model.params import _is_spec, param_dtype, param_specs
@@ -226,18 +227,24 @@ def test_row_blocks_start_mid_document_like_decode_drafting(model):
     np.testing.assert_allclose(draft, train[:, S + 4:S + 4 + B_], atol=2e-5)
 
 
-def test_anchored_blocks_equal_decode_drafting(model):
-    """Anchored: [x_{kb-1}, mask x b] after a cache of positions 0..kb-2 == the training block (anchor included)."""
+@pytest.mark.parametrize("anchor", ["token", "mask"])
+def test_anchored_blocks_equal_decode_drafting(model, anchor):
+    """Anchored: the training block (anchor slot included) == the drafting forward after a cache of positions
+    0..kb-2: [x_{kb-1}, mask x b] (token anchor, ``draft_anchored``) or [mask x (b+1)] at the bonus position kb-1
+    (mask anchor: the decode samplers' ``layouts.draft`` with K = b, the geometry of single_forward's proposals)."""
     c, p = model
     x = _tokens(c)
-    bt = build(x, jnp.zeros((2, S), jnp.int32), None, TidarOptions(block_size=B_, anchor=True), c.mask_token_id)
+    bt = build(x, jnp.zeros((2, S), jnp.int32), None, TidarOptions(block_size=B_, anchor=anchor), c.mask_token_id)
     train = np.asarray(_apply(p, c, bt["inputs"], bt["layout"]))
     idx = np.asarray(bt["diff_index"])
     for k0, k1 in [(1, 3), (2, 1), (3, 2)]:
         kb = np.array([k0 * B_, k1 * B_])
-        toks = jnp.concatenate([x[jnp.arange(2), kb - 1][:, None], jnp.full((2, B_), c.mask_token_id)], 1)
+        first = x[jnp.arange(2), kb - 1] if anchor == "token" else jnp.full((2,), c.mask_token_id)
+        toks = jnp.concatenate([first[:, None], jnp.full((2, B_), c.mask_token_id)], 1)
         cache = _prefill(p, c, x, jnp.asarray(kb - 1))[1]
-        draft = np.asarray(_draft(p, c, toks, tl.draft_anchored(jnp.asarray(kb - 1), B_), cache))
+        L = jnp.asarray(kb - 1)
+        lay = tl.draft_anchored(L, B_) if anchor == "token" else decode_layouts.draft(L, B_)
+        draft = np.asarray(_draft(p, c, toks, lay, cache))
         for r in range(2):
             np.testing.assert_allclose(draft[r, 1:], train[r, idx[kb[r]:kb[r] + B_]], atol=2e-5)
             np.testing.assert_allclose(draft[r, 0], train[r, idx[kb[r]] - 1], atol=2e-5)  # the anchor slot

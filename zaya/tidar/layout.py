@@ -4,10 +4,12 @@ Training: ``[x_0 .. x_{S-1} | mask x S]``, positions repeated. Clean tokens are 
 at index i (block k = i // b) sees the clean tokens of its document before the block start and its own block
 bidirectionally. Built from ids (O(S) per row), never as a dense [2S, 2S] mask.
 
-Anchored training (K+1 blocks, Zyphra's two-forward drafting): the mask half is cut into chunks of b+1 slots,
-``[anchor, mask x b]``. The anchor is a copy of the clean token just before the block (position kb-1); the block
-(anchor included) sees the clean prefix up to kb-2 and itself bidirectionally, exactly like the decode-time
-forward ``[a', mask x K]`` after a cache holding positions 0..kb-2 (``draft_anchored``).
+Anchored training (K+1 blocks, Zyphra's drafting): the mask half is cut into chunks of b+1 slots,
+``[anchor, mask x b]``. The anchor slot stands at position kb-1, just before the block; the block (anchor included)
+sees the clean prefix up to kb-2 and itself bidirectionally, exactly like the decode-time drafting forward after a
+cache holding positions 0..kb-2. The layout is the same whatever the anchor slot holds (the objective fills it): a
+copy of x_{kb-1} (token anchor, ``[a', mask x K]``, ``draft_anchored``) or a mask (mask anchor, ``[mask x (K+1)]``
+at the bonus position, Zyphra's serving layout, ``draft_block(kb-1, b+1)``).
 
 Blocks are global (block k = indices kb..kb+b-1 of the row) in ``training`` by default, and all b masks of a block
 belong to the document of its first index (see ``training``), so the model never learns a document's length from

@@ -5,8 +5,11 @@ One backbone, one forward over ``[clean x_0..x_{S-1} | diffusion half]``:
   AR half         clean tokens, causal; token i predicts x_{i+1} (shifted; none at a document's last token)
   diffusion half  (non-anchored) S masks at the clean positions, blocks of b; mask i predicts x_i (un-shifted)
                   from the clean prefix before its block and its own block (bidirectional)
-                  (anchored) per block [copy of x_{kb-1} at kb-1, b masks]: the block sees the clean prefix up to
-                  kb-2 and itself, like the two-forward drafting forward ``[a', mask x K]``; anchors carry no loss
+                  (anchored) per block [anchor at kb-1, b masks]: the block sees the clean prefix up to kb-2 and
+                  itself, like the two-forward drafting forward; the anchor is a copy of x_{kb-1} (anchor="token",
+                  decode ``[a', mask x K]``) or a mask (anchor="mask", decode ``[mask x (K+1)]``, Zyphra's serving
+                  layout). Token anchors carry no loss; a mask anchor's label is x_{kb-1}, counted only with
+                  ``anchor_loss`` (Zyphra's serving discards slot 0)
 
   loss = (alpha * CE_AR + CE_diff) / (1 + alpha), each CE a mean over its valid tokens.
 
@@ -33,6 +36,7 @@ from zaya.tidar import layout as tl
 MASKINGS = ("full", "random")
 BLOCK_STARTS = ("row", "document")
 MODES = ("tidar", "ar")
+ANCHORS = ("none", "token", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,11 @@ class TidarOptions:
 
     block_size      b, tokens per diffusion block
     alpha           AR weight: loss = (alpha * CE_AR + CE_diff) / (1 + alpha)
-    anchor          K+1 blocks [anchor x_{kb-1}, mask x b] (Zyphra two-forward drafting) instead of [mask x b]
+    anchor          "none": blocks [mask x b]; "token": K+1 blocks [x_{kb-1}, mask x b] (Zyphra's two-forward
+                    drafting); "mask": K+1 blocks [mask at kb-1, mask x b] (the serving layout's anchor mask at the
+                    bonus position). True / False are read as "token" / "none" (the old bool field)
+    anchor_loss     (anchor "mask") the anchor mask also predicts x_{kb-1}: its CE joins the diffusion mean with
+                    weight 1 (off by default: Zyphra's serving discards slot 0)
     masking         "full": every diffusion token is a mask (TiDAR); "random": each is a mask with probability
                     ``mask_ratio``, otherwise the clean token itself, which carries no loss (ablation)
     position_gamma  diffusion weight gamma**k for in-block position k, normalised to average 1 over a block
@@ -60,7 +68,8 @@ class TidarOptions:
     """
     block_size: int = 16
     alpha: float = 1.0
-    anchor: bool = False
+    anchor: str = "none"
+    anchor_loss: bool = False
     masking: str = "full"
     mask_ratio: float = 0.5
     position_gamma: float | None = None
@@ -80,7 +89,11 @@ class TidarOptions:
             bad("block_size", "a positive int")
         if not is_num(self.alpha) or not np.isfinite(self.alpha) or self.alpha < 0:
             bad("alpha", "a finite number >= 0")
-        for f in ("anchor", "doc_masking", "prompt_masking", "block_causal"):
+        if isinstance(self.anchor, (bool, np.bool_)):  # the old bool field: True was the token anchor
+            object.__setattr__(self, "anchor", "token" if self.anchor else "none")
+        if not isinstance(self.anchor, str) or self.anchor not in ANCHORS:
+            bad("anchor", f"one of {ANCHORS} (or True / False for 'token' / 'none')")
+        for f in ("anchor_loss", "doc_masking", "prompt_masking", "block_causal"):
             if not isinstance(getattr(self, f), (bool, np.bool_)):
                 bad(f, "a bool")
         if self.masking not in MASKINGS:
@@ -94,6 +107,8 @@ class TidarOptions:
             bad("mode", f"one of {MODES}")
         if self.block_start not in BLOCK_STARTS:
             bad("block_start", f"one of {BLOCK_STARTS}")
+        if self.anchor_loss and self.anchor != "mask":
+            bad("anchor_loss", "False unless anchor='mask' (a token anchor's label would be its own input)")
         if not is_int(self.ce_chunk) or self.ce_chunk < 0:
             bad("ce_chunk", "an int >= 0 (0 = no chunking)")
 
@@ -120,6 +135,10 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
       diff_weights [B, S]               diff_valid * position weight (the loss is sum(w * ce) / sum(valid))
       diff_block_pos [B, S] int32       in-block position k of token i (0 .. b-1)
       masked [B, S] bool                the diffusion token of i is a mask (all True for masking="full")
+      (anchored only)
+      anchor_index [S/b] int32          index in ``inputs`` of chunk g's anchor slot
+      anchor_labels, anchor_valid [B, S/b]  label x_{kb-1} of the anchor; 1 where the slot holds an anchor whose
+                                        label is a response token (it carries loss only with ``anchor_loss``)
     """
     x = jnp.asarray(tokens_BS, jnp.int32)
     B, S = x.shape
@@ -145,21 +164,27 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
             raise ValueError("masking='random' needs an rng key")
         masked = jax.random.bernoulli(rng, opts.mask_ratio, (B, S))
     half = jnp.where(masked, jnp.int32(mask_id), x)
-    if opts.anchor:
+    anchored = opts.anchor != "none"
+    if anchored:
         layout = tl.training_anchored(doc, b, opts.block_causal)
         src = tl.anchor_sources(doc, b)
-        anchors = jnp.where(src >= 0, jnp.take_along_axis(x, jnp.maximum(src, 0), 1), jnp.int32(mask_id))
+        take = lambda a: jnp.take_along_axis(a, jnp.maximum(src, 0), 1)
+        has = src >= 0
+        a_labels = jnp.where(has, take(x), 0)
+        anchors = jnp.where(has & (opts.anchor == "token"), a_labels, jnp.int32(mask_id))
         half = jnp.concatenate([anchors[:, :, None], half.reshape(B, S // b, b)], 2).reshape(B, -1)
         index = tl.anchored_mask_index(S, b)
+        out.update(anchor_index=jnp.asarray(S + np.arange(S // b) * (b + 1), jnp.int32), anchor_labels=a_labels,
+                   anchor_valid=(has & take(resp)).astype(jnp.float32))
     else:
         layout = tl.training(doc, b, opts.block_causal, doc_aligned=opts.block_start == "document")
         index = S + np.arange(S)
-    if opts.anchor or opts.block_start == "document":
+    if anchored or opts.block_start == "document":
         block_pos = layout.pos[:, :S] % b  # blocks restart at document starts
     else:
         block_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32) % b, (B, S))
     diff_valid = resp & masked
-    if not opts.anchor and opts.block_start == "row":  # masks standing in for another document's tokens
+    if not anchored and opts.block_start == "row":  # masks standing in for another document's tokens
         diff_valid = diff_valid & ~tl.row_block_owner(doc, b)[1]
     diff_valid = diff_valid.astype(jnp.float32)
     diff_weights = diff_valid * jnp.asarray(position_weights(opts))[block_pos]
@@ -190,23 +215,32 @@ def _mean(x, w):
     return (x * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def diffusion_metrics(bt: dict, opts: TidarOptions, ce_BS, pred_BS, ar_pred_BS) -> dict:
+def diffusion_metrics(bt: dict, opts: TidarOptions, ce_BS, pred_BS, ar_pred_BS, anchor=None) -> dict:
     """Diffusion loss and metrics from the per-token CE / argmax of the diffusion tokens ([B, S], clean index
-    order) and the AR argmax at the clean tokens ([B, S]); ``bt`` is ``build``'s output."""
+    order) and the AR argmax at the clean tokens ([B, S]); ``bt`` is ``build``'s output. ``anchor`` (with
+    ``anchor_loss``): (CE, argmax) [B, S/b] of the anchor masks, whose CE joins the diffusion mean."""
     v, w, y = bt["diff_valid"], bt["diff_weights"], bt["diff_labels"]
     B, S = y.shape
     hit = (pred_BS == y).astype(jnp.float32)
     onehot = jax.nn.one_hot(bt["diff_block_pos"], opts.block_size, dtype=jnp.float32) * v[..., None]  # [B, S, b]
     per_pos_n = onehot.sum((0, 1))
     # the first slot of a block at position kb > 0 and the AR logit at kb - 1 both predict x_kb from x_<kb
+    # (blocks at a document's position 0 see no context: they are left out of the same-position comparison)
     first = v * (bt["diff_block_pos"] == 0) * (bt["layout"].pos[:, :S] > 0)
     ar_prev = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), ar_pred_BS[:, :-1]], 1)
     valid_clean = (bt["layout"].seg[:, :S] >= 0).astype(jnp.float32)
-    return dict(diff_loss=(ce_BS * w).sum() / jnp.maximum(v.sum(), 1.0), diff_acc=_mean(hit, v),
-                n_diff_tokens=v.sum(), diff_count_per_pos=per_pos_n,
-                diff_acc_per_pos=(onehot * hit[..., None]).sum((0, 1)) / jnp.maximum(per_pos_n, 1.0),
-                first_slot_agree=_mean((pred_BS == ar_prev).astype(jnp.float32), first),
-                mask_fraction=_mean(bt["masked"].astype(jnp.float32), valid_clean))
+    ce_sum, n = (ce_BS * w).sum(), v.sum()
+    m = dict(diff_acc=_mean(hit, v), n_diff_tokens=n, diff_count_per_pos=per_pos_n,
+             diff_acc_per_pos=(onehot * hit[..., None]).sum((0, 1)) / jnp.maximum(per_pos_n, 1.0),
+             first_slot_agree=_mean((pred_BS == ar_prev).astype(jnp.float32), first),
+             diff_acc_first_ctx=_mean(hit, first), ar_acc_first_ctx=_mean((ar_prev == y).astype(jnp.float32), first),
+             mask_fraction=_mean(bt["masked"].astype(jnp.float32), valid_clean))
+    if anchor is not None:
+        ce_a, pred_a = anchor
+        av = bt["anchor_valid"]
+        ce_sum, n = ce_sum + (ce_a * av).sum(), n + av.sum()
+        m.update(anchor_acc=_mean((pred_a == bt["anchor_labels"]).astype(jnp.float32), av), n_anchor_tokens=av.sum())
+    return dict(m, diff_loss=ce_sum / jnp.maximum(n, 1.0))
 
 
 def loss_fn(params, config, batch: dict, opts: TidarOptions = TidarOptions(), rng=None, impl: Impl = Impl()):
@@ -218,7 +252,12 @@ def loss_fn(params, config, batch: dict, opts: TidarOptions = TidarOptions(), rn
       mode "tidar" also: diff_loss, diff_acc, diff_acc_per_pos [b] (accuracy per in-block position: the
       acceptance proxy), diff_count_per_pos [b], n_diff_tokens, mask_fraction (masked / valid clean tokens),
       first_slot_agree (block-first-slot argmax == AR argmax for the same target position, over blocks with a
-      previous token).
+      previous token); on those same blocks (first token x_kb with a clean token of its document before it, a
+      label of both losses), diff_acc_first_ctx (the block's first mask predicts x_kb) and ar_acc_first_ctx (the
+      AR argmax at kb-1 is x_kb): the first-slot draft against the verifier on the same targets and contexts
+      (diff_acc_per_pos[0] also counts the context-free blocks at position 0; ar_acc is over all tokens);
+      with anchor_loss also anchor_acc and n_anchor_tokens (anchor masks predicting x_{kb-1}; diff_loss is the
+      mean CE over masks and anchors, n_diff_tokens counts the masks only).
     """
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     B, S = tokens.shape
@@ -235,9 +274,12 @@ def loss_fn(params, config, batch: dict, opts: TidarOptions = TidarOptions(), rn
     if opts.mode == "ar":
         return ar_loss, dict(m, loss=ar_loss)
 
-    h_diff = h[:, S:] if not opts.anchor else jnp.take(h, bt["diff_index"], axis=1)
+    h_diff = h[:, S:] if opts.anchor == "none" else jnp.take(h, bt["diff_index"], axis=1)
     ce_d, pred_d = token_ce(params, h_diff, bt["diff_labels"], opts.ce_chunk)
-    dm = diffusion_metrics(bt, opts, ce_d, pred_d, pred_ar)
+    anchor = None
+    if opts.anchor_loss:
+        anchor = token_ce(params, jnp.take(h, bt["anchor_index"], axis=1), bt["anchor_labels"], opts.ce_chunk)
+    dm = diffusion_metrics(bt, opts, ce_d, pred_d, pred_ar, anchor)
     loss = (opts.alpha * ar_loss + dm["diff_loss"]) / (1.0 + opts.alpha)
     m.update(dm, loss=loss)
     return loss, m
