@@ -74,3 +74,173 @@ def test_register_a_new_criterion():
     del A.ACCEPTANCE["always_one"]
     with pytest.raises(ValueError, match="unknown acceptance"):
         A.get("always_one")
+
+
+# --- Chained positions and the bonus token: the joint of the committed tokens is the AR joint ---------------------
+# A synthetic Markov "model": the token at position i+1 depends only on the token at i, so the verifier logits for
+# draft position i+1 (computed from the drafted prefix) are also the AR logits for the committed prefix up to the
+# first rejection. The drafter is a different Markov chain. After one step, the rows that committed fewer than K+1
+# tokens are completed by exact AR sampling, so a lossless rule gives the AR joint of K+1 tokens exactly.
+_P0 = np.array([.15, .35, .3, .2])  # first token
+_PT = np.array([[.5, .2, .2, .1], [.1, .6, .1, .2], [.25, .25, .3, .2], [.3, .1, .1, .5]])  # next | previous
+_Q0 = np.array([.4, .1, .3, .2])
+_QT = np.array([[.2, .4, .2, .2], [.3, .3, .2, .2], [.1, .1, .7, .1], [.25, .25, .25, .25]])
+_L0, _LT = np.log(_P0) + 0.7, np.log(_PT) - 1.3  # logits, shifted: only softmax(z / T) may matter
+
+
+def _ar_joint(opts, K):
+    """Exact AR joint of K+1 tokens [V]*(K+1) under the filtered sampling distribution."""
+    from zaya.decode.sampling import probs
+    p0 = np.asarray(probs(jnp.asarray(_L0), opts["temperature"], opts.get("top_k")), np.float64)
+    pt = np.asarray(probs(jnp.asarray(_LT), opts["temperature"], opts.get("top_k")), np.float64)
+    joint = p0
+    for _ in range(K):
+        joint = joint[..., None] * pt  # [..., x, y] = joint[..., x] * p(y | x)
+    return joint / joint.sum()  # fp32 probs sum to 1 only within rounding; chisquare checks the totals
+
+
+def _committed_joint_counts(name, dirac, opts, K=2, N=40_000, seed=0):
+    from zaya.decode.sampling import sample
+    rule = A.get(name)
+
+    @jax.jit
+    def run(key, L0, LT, Q0, QT):  # arrays as arguments, not constants: XLA would constant-fold the whole program
+        kd, ka, kf = jax.random.split(key, 3)
+        d, q = [], []
+        for i, k in enumerate(jax.random.split(kd, K)):
+            qi = jnp.broadcast_to(Q0, (N, Q0.shape[0])) if i == 0 else QT[d[-1]]
+            d.append(jnp.argmax(qi, -1) if dirac else jax.random.categorical(k, jnp.log(qi), -1))
+            q.append(qi)
+        d_NK, q_NKV = jnp.stack(d, 1).astype(jnp.int32), jnp.stack(q, 1)
+        z = jnp.concatenate([jnp.broadcast_to(L0, (N, 1, L0.shape[0])), LT[d_NK]], 1)  # [N, K+1, V]
+        o = dict(opts, draft_logits=jnp.log(q_NKV))
+        n, nxt = rule(z, d_NK, None if dirac else q_NKV, ka, o)
+        toks = []
+        for j, k in enumerate(jax.random.split(kf, K + 1)):
+            fill = sample(LT[toks[-1]], k, opts["temperature"], opts.get("top_k")) if j else nxt
+            dj = d_NK[:, j] if j < K else nxt
+            toks.append(jnp.where(j < n, dj, jnp.where(j == n, nxt, fill)))  # AR continuation after the step
+        return jnp.stack(toks, 1)
+
+    toks = np.asarray(run(jax.random.PRNGKey(seed), *(jnp.asarray(a, jnp.float32) for a in (_L0, _LT, _Q0, _QT))))
+    V = _P0.shape[0]
+    return np.bincount(np.ravel_multi_index(toks.T, (V,) * (K + 1)), minlength=V ** (K + 1))
+
+
+def _chi2_pvalue(counts, joint):
+    from scipy import stats as sps
+    exp = joint.ravel() * counts.sum()
+    assert counts[exp == 0].sum() == 0  # a token the AR sampler can never emit is never committed
+    big = exp >= 5  # pool rare cells so the chi-square approximation holds
+    obs = np.append(counts[big], counts[~big & (exp > 0)].sum())
+    exp = np.append(exp[big], exp[~big & (exp > 0)].sum())
+    keep = exp > 0
+    return sps.chisquare(obs[keep], exp[keep]).pvalue
+
+
+ALPHA = 1e-3
+
+
+@pytest.mark.parametrize("name,dirac,opts", [
+    ("rejection", True, {"temperature": 1.0}),
+    ("rejection", False, {"temperature": 1.0}),
+    ("rejection", False, {"temperature": 0.8, "top_k": 3}),
+    ("strict", True, {"temperature": 1.0}),
+    ("strict", False, {"temperature": 1.0}),
+])
+def test_lossless_joint_over_chained_positions_and_bonus(name, dirac, opts):
+    """K=2 drafts, V=4: the joint of the 3 committed tokens (2 drafts + residual/bonus) matches AR (chi-square)."""
+    counts = _committed_joint_counts(name, dirac, opts)
+    assert _chi2_pvalue(counts, _ar_joint(opts, 2)) > ALPHA
+
+
+@pytest.mark.parametrize("name", ["tidar_ratio", "typical"])
+def test_lossy_joint_differs_from_ar(name):
+    """The same chi-square test has the power to reject: the lossy rules do not give the AR joint."""
+    opts = {"temperature": 1.0}
+    assert _chi2_pvalue(_committed_joint_counts(name, False, opts), _ar_joint(opts, 2)) < 1e-9
+
+
+# --- Unit checks of each rule's formula on hand-made logits ---------------------------------------------------------
+def _np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_greedy_contract_per_row():
+    """Rows with their first mismatch at 0..K (K: none): n = leading matches, next = argmax at position n."""
+    B, K, V = 5, 4, 7
+    z = np.random.default_rng(5).normal(size=(B, K + 1, V)).astype(np.float32)  # numpy: no eager op compiles
+    top = z.argmax(-1)
+    d = top[:, :K].copy()
+    for b in range(K):
+        d[b, b] = (d[b, b] + 1) % V  # row b: first mismatch at b; row K: fully accepted
+        d[b, K - 1] = (d[b, K - 1] + 1) % V  # a later mismatch must not matter
+    n, nxt = jax.jit(lambda z, d: A.get("greedy")(z, d, None, jax.random.PRNGKey(0), {}))(z, jnp.asarray(d))
+    np.testing.assert_array_equal(n, np.arange(B))
+    np.testing.assert_array_equal(nxt, top[np.arange(B), np.arange(B)])  # row K: the bonus = argmax at position K
+
+
+def test_typical_threshold_formula_at_boundaries():
+    """Accept iff p(d) > min(eps, delta * exp(-H(p))), p = softmax(z) at temperature 0; recovered/bonus = argmax."""
+    p = np.array([[.9, .05, .03, .02], [.4, .3, .2, .1], [.1, .2, .3, .4]])  # positions 0, 1 and the bonus
+    z = jnp.asarray(np.log(p)[None], jnp.float32)
+    H1 = -(p[1] * np.log(p[1])).sum()
+    rule = jax.jit(lambda z, d, e, dl: A.get("typical")(z, d, None, jax.random.PRNGKey(0), {"epsilon": e, "delta": dl}))
+    d = jnp.array([[0, 2]])  # p(d_0) = .9 passes every threshold below; p(d_1) = .2 sits at the boundary
+    for e, dl, n_want in [
+        (1.0, .2 * np.exp(H1) * (1 - 1e-3), 2),  # delta binds, just below p(d_1): accept both, bonus = argmax
+        (1.0, .2 * np.exp(H1) * (1 + 1e-3), 1),  # delta binds, just above: reject d_1, emit argmax of position 1
+        (.2 * (1 - 1e-3), 10.0, 2),  # epsilon binds
+        (.2 * (1 + 1e-3), 10.0, 1),
+    ]:
+        n, nxt = rule(z, d, e, dl)
+        assert int(n[0]) == n_want and int(nxt[0]) == (3 if n_want == 2 else 0), (e, dl)
+    n, nxt = rule(z, jnp.array([[3, 0]]), 0.09, 0.3)  # p(d_0) = .02 < threshold: the chain stops at 0
+    assert int(n[0]) == 0 and int(nxt[0]) == 0
+
+
+def test_typical_with_top_k_uses_the_filtered_entropy():
+    """At T > 0 with top-k, H is over the filtered p (0 log 0 = 0); this rejected everything (NaN) before the fix."""
+    z = jnp.log(jnp.array([[[.5, .3, .15, .05], [.4, .3, .2, .1]]]))
+    pf = np.array([.5, .3]) / .8
+    thr = min(.09, .3 * np.exp((pf * np.log(pf)).sum()))  # .09 here
+    n, _ = jax.jit(lambda z, d: A.get("typical")(z, d, None, jax.random.PRNGKey(0), {"temperature": 1.0, "top_k": 2}))(
+        z, jnp.array([[1]]))
+    assert pf[1] > thr and int(n[0]) == 1
+
+
+def test_tidar_ratio_at_temperature_zero_is_greedy():
+    B, K, V = 32, 4, 6
+    g = np.random.default_rng(6)
+    z = g.normal(size=(B, K + 1, V)).astype(np.float32) * 2
+    top = z.argmax(-1)
+    d = np.where(g.uniform(size=(B, K)) < 0.7, top[:, :K], (top[:, :K] + 1) % V).astype(np.int32)
+    o = {"draft_logits": g.normal(size=(B, K, V)).astype(np.float32)}
+    run = jax.jit(lambda z, d, o: [A.get(r)(z, d, None, jax.random.PRNGKey(1), o) for r in ("tidar_ratio", "greedy")])
+    (n, nxt), (ng, nxtg) = run(z, d, o)
+    assert len(set(np.asarray(ng).tolist())) >= 3  # rows stop at different positions
+    np.testing.assert_array_equal(n, ng)
+    np.testing.assert_array_equal(nxt, nxtg)
+
+
+def test_tidar_ratio_accepts_with_min_1_ratio_and_has_no_residual():
+    """Accept d_i with probability min(1, p_T(d_i) / q(d_i)), q = softmax(draft_logits) at T=1, p at the verify T;
+    at a failure the next token is drawn from p itself (the rejected draft included), not from a residual."""
+    N, T = 40_000, 0.5
+    zv = np.log(np.array([[.2, .3, .1, .4], [.1, .2, .3, .4], [.25, .25, .25, .25]]))  # verifier logits
+    zq = np.log(np.array([[.1, .1, .1, .7], [.05, .05, .45, .45]]))  # drafting logits
+    d = np.array([3, 2])
+    p = _np_softmax(zv / T)
+    r = np.minimum(1.0, p[np.arange(2), d] / _np_softmax(zq)[np.arange(2), d])  # [.76, .67]
+    z = jnp.broadcast_to(jnp.asarray(zv, jnp.float32), (N, 3, 4))
+    ql = jnp.broadcast_to(jnp.asarray(zq, jnp.float32), (N, 2, 4))
+    run = jax.jit(lambda z, d, ql: A.get("tidar_ratio")(z, d, None, jax.random.PRNGKey(7),
+                                                       {"temperature": T, "draft_logits": ql}))
+    n, nxt = run(z, jnp.broadcast_to(jnp.asarray(d, jnp.int32), (N, 2)), ql)
+    n, nxt = np.asarray(n), np.asarray(nxt)
+    tol = 4 * np.sqrt(.25 / N)
+    assert abs((n >= 1).mean() - r[0]) < tol and abs((n == 2).mean() - r[0] * r[1]) < tol
+    for i in range(3):  # the emitted token at a failure (or the bonus) ~ p_i
+        sel = nxt[n == i]
+        np.testing.assert_allclose(np.bincount(sel, minlength=4) / len(sel), p[i], atol=4 * np.sqrt(.25 / len(sel)))

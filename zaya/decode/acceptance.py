@@ -69,10 +69,10 @@ def rejection(z, d, q, rng, o):
     u = jax.random.uniform(k_u, (B, K))
     pd = _pick(p[:, :K], d)
     if q is None:
-        acc = u <= pd
+        acc = u < pd  # strict: u can be exactly 0, and a token with p == 0 must never be accepted
         resid = p[:, :K] * (1.0 - jax.nn.one_hot(d, p.shape[-1]))
     else:
-        acc = u * _pick(q, d) <= pd
+        acc = u * _pick(q, d) < pd
         resid = jnp.maximum(p[:, :K] - q, 0.0)
     n = _first_failure(acc)
     mass = resid.sum(-1, keepdims=True)
@@ -100,7 +100,7 @@ def typical(z, d, q, rng, o):
     eps, delta = o.get("epsilon", 0.09), o.get("delta", 0.3)
     p = _p(z, o) if o.get("temperature", 0.0) > 0 else jax.nn.softmax(z.astype(jnp.float32), -1)
     K = d.shape[1]
-    ent = -(p * jnp.log(jnp.maximum(p, 1e-38))).sum(-1)
+    ent = jax.scipy.special.entr(p).sum(-1)  # 0 log 0 = 0 where top-k/top-p removed a token (p log p would be NaN)
     acc = _pick(p[:, :K], d) > jnp.minimum(eps, delta * jnp.exp(-ent[:, :K]))
     n = _first_failure(acc)
     top = jnp.argmax(z, -1).astype(jnp.int32)
