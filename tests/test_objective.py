@@ -402,3 +402,4 @@ def test_anchor_option_reads_the_old_bool():
     assert TidarOptions(anchor=True) == TidarOptions(anchor="token")
     assert TidarOptions(anchor=False) == TidarOptions() and TidarOptions().anchor == "none"
     assert TidarOptions(anchor=np.bool_(True)).anchor == "token"
+    assert TidarOptions(anchor="True").anchor == "token" and TidarOptions(anchor="false").anchor == "none"  # CLI

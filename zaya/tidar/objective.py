@@ -89,8 +89,9 @@ class TidarOptions:
             bad("block_size", "a positive int")
         if not is_num(self.alpha) or not np.isfinite(self.alpha) or self.alpha < 0:
             bad("alpha", "a finite number >= 0")
-        if isinstance(self.anchor, (bool, np.bool_)):  # the old bool field: True was the token anchor
-            object.__setattr__(self, "anchor", "token" if self.anchor else "none")
+        if isinstance(self.anchor, (bool, np.bool_)) or str(self.anchor).lower() in ("true", "false"):
+            # the old bool field (a CLI override sends it as text): True was the token anchor
+            object.__setattr__(self, "anchor", "token" if str(self.anchor).lower() == "true" else "none")
         if not isinstance(self.anchor, str) or self.anchor not in ANCHORS:
             bad("anchor", f"one of {ANCHORS} (or True / False for 'token' / 'none')")
         for f in ("anchor_loss", "doc_masking", "prompt_masking", "block_causal"):
