@@ -1,5 +1,6 @@
 """End to end: a tiny AR pretraining run learns, writes its logs/plots/model; TiDAR conversion from that model
-resumes after ``kill -9`` with exactly the uninterrupted loss trajectory; evaluation and the ablation runner."""
+resumes after ``kill -9`` (during an async save, and between checkpoints) with exactly the uninterrupted loss
+trajectory, one log record per step and the newest N checkpoints; evaluation and the ablation runner."""
 import json
 import os
 import signal
