@@ -3,9 +3,13 @@
   reference  dense mask from the layout, one softmax (tests; small T)
   chunked    flash-style online softmax over key tiles; the mask tile is computed from the layout ids, so memory
              is O(T * tile) per row instead of O(T^2) (training at long context, long prefill)
+  auto       (the default) reference when T * S is small, chunked otherwise; chosen from static shapes at trace time
 
 A Pallas kernel (Triton-style, for CUDA and ROCm) registers here under a new name without touching callers.
-Scores are ``q . k * d^-0.5`` in fp32; q/k arrive already L2-normalised, temperature-scaled and rotated (CCA).
+Scores are ``q . k * d^-0.5``; q/k arrive already L2-normalised, temperature-scaled and rotated (CCA).
+Dtypes (as the HF reference, which runs QK^T and PV in the model dtype with an fp32 softmax): both matmuls take
+operands in the dtype of q (bf16 in bf16 mode) and accumulate in fp32; scores, softmax statistics and the running
+output stay fp32. In fp32 mode every step is fp32.
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ import jax.numpy as jnp
 from zaya.model.layout import Layout, allowed, cache_allowed
 
 _NEG = -1e30
+# auto: above this many (query, key) pairs per batch row, the dense path's fp32 scores [B, H, T, S] get big
+# (2^22 pairs * 8 heads * 4 B = 128 MiB per row per layer), so chunked takes over. Decode (T small, S = cache
+# length) stays on the dense path up to S = 2^22 / T.
+AUTO_DENSE_MAX = 1 << 22
 IMPLS: dict[str, Callable] = {}
 
 
@@ -28,7 +36,7 @@ def register(name: str):
     return deco
 
 
-def attend(q_BTHd, k_BTKd, v_BTKd, layout: Layout, cache_k=None, cache_v=None, cache_len=None, impl="reference"):
+def attend(q_BTHd, k_BTKd, v_BTKd, layout: Layout, cache_k=None, cache_v=None, cache_len=None, impl="auto"):
     """Attention of T new queries over [cached keys (cache_k [B, S, K, d], valid below cache_len [B]) ; new keys].
 
     Returns [B, T, H, d] in the dtype of v. Queries that see no key (padding) return zeros.
@@ -59,13 +67,19 @@ def _sources(k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
 
 
 def _partial(q_BKGTd, k_BSKd, v_BSKd, m_BTS):
-    """Unnormalised attention over one key set: (running max, sum of exp, weighted values), fp32."""
-    s = jnp.einsum("bkgtd,bskd->bkgts", q_BKGTd, k_BSKd.astype(jnp.float32))
+    """Unnormalised attention over one key set: (running max, sum of exp, weighted values), fp32.
+
+    Both matmuls take operands in q's dtype with fp32 accumulation; the exp weights are rounded to that dtype only
+    as the PV operand (their sum, the normaliser, stays fp32), like the reference's softmax(fp32).to(bf16) @ V.
+    """
+    dt = q_BKGTd.dtype
+    s = jnp.einsum("bkgtd,bskd->bkgts", q_BKGTd, k_BSKd.astype(dt), preferred_element_type=jnp.float32)
     mask = m_BTS[:, None, None]
     s = jnp.where(mask, s, _NEG)
     m = s.max(-1)
     p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-    return m, p.sum(-1), jnp.einsum("bkgts,bskd->bkgtd", p, v_BSKd.astype(jnp.float32))
+    pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(dt), v_BSKd.astype(dt), preferred_element_type=jnp.float32)
+    return m, p.sum(-1), pv
 
 
 def _merge(x, y):
@@ -83,9 +97,10 @@ def _finish(state, shape, dtype):
 
 
 def _queries(q_BTHd, K):
+    """[B, K, G, T, d] queries times d^-0.5 (scaled in fp32, then back in q's dtype: the matmul operand dtype)."""
     B, T, H, d = q_BTHd.shape
-    q = q_BTHd.reshape(B, T, K, H // K, d).astype(jnp.float32) * (d ** -0.5)
-    return jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, d]
+    q = (q_BTHd.reshape(B, T, K, H // K, d).astype(jnp.float32) * (d ** -0.5)).astype(q_BTHd.dtype)
+    return jnp.transpose(q, (0, 2, 3, 1, 4))
 
 
 @register("reference")
@@ -123,6 +138,18 @@ def _chunked(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len, tile: 
         part, _ = jax.lax.scan(step, init, jnp.arange(n_tiles))
         state = part if state is None else _merge(state, part)
     return _finish(state, q_BTHd.shape, v_BTKd.dtype)
+
+
+def auto_choice(T: int, S: int) -> str:
+    """The impl "auto" runs for T queries over S keys (cache slots + new keys)."""
+    return "reference" if T * S <= AUTO_DENSE_MAX else "chunked"
+
+
+@register("auto")
+def _auto(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+    S = k_BTKd.shape[1] + (0 if cache_k is None else cache_k.shape[1])
+    name = auto_choice(q_BTHd.shape[1], S)  # static shapes: decided once per trace
+    return IMPLS[name](q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len)
 
 
 def _tile_mask(mask, a, n, S):

@@ -48,12 +48,18 @@ def cca_qkv(p: dict, c: ZayaConfig, a_BTD, layout: Layout, ring=None, cache_len=
     qres = (q4 + k.reshape(B, T, K, 1, d).astype(jnp.float32)) * 0.5
     kres = qres.mean(3)
 
+    # Both convolutions round their operands like the reference's bf16 Conv1d (inputs, weights and the depthwise
+    # output in the weight dtype) and accumulate in fp32. Products of two bf16 values are exact in fp32, so fp32
+    # arithmetic on the rounded operands is exactly "bf16 operands, fp32 accumulation". The grouped conv is spelled
+    # as an fp32 einsum of upcast operands: XLA:CPU rejects this bf16 x bf16 -> fp32 einsum (UNIMPLEMENTED DotThunk),
+    # and the fp32 spelling keeps fp32 mode bitwise unchanged.
     x1 = _gather_prev(xqk, ring_x, layout, 1, cache_len).astype(jnp.float32)
     x2 = _gather_prev(xqk, ring_x, layout, 2, cache_len).astype(jnp.float32)
     x0 = xqk.astype(jnp.float32)
     w1, b1 = p["conv1_w"].astype(jnp.float32), p["conv1_b"].astype(jnp.float32)
-    c1_cur = w1[0] * x1 + w1[1] * x0 + b1
-    c1_prev = w1[0] * x2 + w1[1] * x1 + b1
+    rnd = lambda x: x.astype(p["conv2_w"].dtype).astype(jnp.float32)
+    c1_cur = rnd(w1[0] * x1 + w1[1] * x0 + b1)
+    c1_prev = rnd(w1[0] * x2 + w1[1] * x1 + b1)
     w2 = p["conv2_w"].astype(jnp.float32)
     grp = lambda x: x.reshape(B, T, H + K, d)
     conv = (jnp.einsum("btgi,gio->btgo", grp(c1_prev), w2[0]) + jnp.einsum("btgi,gio->btgo", grp(c1_cur), w2[1])

@@ -16,14 +16,20 @@ from zaya.model.layers import rms_norm
 
 
 def router(p: dict, c: ZayaConfig, m_BTD, prev_r_BTR):
-    """Returns (expert index [B, T] in 0..E, gate weight [B, T] fp32, router state r for the next layer, probs)."""
+    """Returns (expert index [B, T] in 0..E, gate weight [B, T] fp32, router state r for the next layer, probs).
+
+    Dtypes: the four matmuls take operands in the weight dtype with fp32 accumulation (the reference runs the whole
+    router MLP in the model dtype); biases, GELU, the norm, the router state r, the logits and the softmax stay fp32
+    (the reference's softmax is in the model dtype; fp32 here, as the issue's policy, since it sets the gate).
+    """
     f32 = lambda n: p[n].astype(jnp.float32)
-    r = jnp.einsum("btd,dr->btr", m_BTD.astype(jnp.float32), f32("down_w")) + f32("down_b")
+    mm = lambda x, n: jnp.einsum("btd,dr->btr", x.astype(p[n].dtype), p[n], preferred_element_type=jnp.float32)
+    r = mm(m_BTD, "down_w") + f32("down_b")
     r = r + prev_r_BTR * f32("states_scale")  # prev_r is zero for layer 0, which has no depth mixing
     z = rms_norm(r, f32("norm"), c.router_norm_eps)
-    z = jax.nn.gelu(z @ f32("fc1_w") + f32("fc1_b"), approximate=False)
-    z = jax.nn.gelu(z @ f32("fc2_w") + f32("fc2_b"), approximate=False)
-    probs = jax.nn.softmax(z @ f32("out_w"), axis=-1)  # [B, T, E+1]
+    z = jax.nn.gelu(mm(z, "fc1_w") + f32("fc1_b"), approximate=False)
+    z = jax.nn.gelu(mm(z, "fc2_w") + f32("fc2_b"), approximate=False)
+    probs = jax.nn.softmax(mm(z, "out_w"), axis=-1)  # [B, T, E+1]
     choice = jnp.argmax(probs + p["bias"].astype(jnp.float32), axis=-1)  # balancing biases only steer the choice
     gate = jnp.take_along_axis(probs, choice[..., None], -1)[..., 0]  # not renormalised
     return choice, gate, r, probs

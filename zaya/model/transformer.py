@@ -25,7 +25,7 @@ from zaya.model.moe import moe
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """Implementation choices (static under jit); they never change the math."""
-    attention: str = "reference"
+    attention: str = "auto"  # zaya.model.attention.IMPLS; auto: dense when small, chunked (O(T) memory) when long
     moe: str = "ragged"
     remat: bool = False
 

@@ -59,7 +59,7 @@ def base() -> mlc.ConfigDict:
     c.optim = mlc.ConfigDict(dict(lr=3e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, decay_fraction=0.2,
                                   decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                                   decay_embeddings=False, router_balance_rate=1e-3))
-    c.impl = mlc.ConfigDict(dict(attention="reference", moe="ragged", remat=False,
+    c.impl = mlc.ConfigDict(dict(attention="auto", moe="ragged", remat=False,
                                  fast_compile=False))  # fast_compile: XLA opt level 0 (CPU smoke runs, tests)
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0))  # -1: the remaining devices
     c.sharding_rules = ()             # (logical axis, mesh axes) pairs; () = zaya.sharding.DEFAULT_RULES
