@@ -3,8 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from zaya.decode import acceptance as A
+from zaya.decode.sampling import probs, sample
 
 
 def _setup(B=1, K=3, V=5, seed=0):
@@ -90,7 +92,6 @@ _L0, _LT = np.log(_P0) + 0.7, np.log(_PT) - 1.3  # logits, shifted: only softmax
 
 def _ar_joint(opts, K):
     """Exact AR joint of K+1 tokens [V]*(K+1) under the filtered sampling distribution."""
-    from zaya.decode.sampling import probs
     p0 = np.asarray(probs(jnp.asarray(_L0), opts["temperature"], opts.get("top_k")), np.float64)
     pt = np.asarray(probs(jnp.asarray(_LT), opts["temperature"], opts.get("top_k")), np.float64)
     joint = p0
@@ -100,7 +101,7 @@ def _ar_joint(opts, K):
 
 
 def _committed_joint_counts(name, dirac, opts, K=2, N=40_000, seed=0):
-    from zaya.decode.sampling import sample
+    """Counts [V**(K+1)] of the first K+1 tokens: one jitted step over N rows, then AR continuation."""
     rule = A.get(name)
 
     @jax.jit
@@ -128,7 +129,6 @@ def _committed_joint_counts(name, dirac, opts, K=2, N=40_000, seed=0):
 
 
 def _chi2_pvalue(counts, joint):
-    from scipy import stats as sps
     exp = joint.ravel() * counts.sum()
     assert counts[exp == 0].sum() == 0  # a token the AR sampler can never emit is never committed
     big = exp >= 5  # pool rare cells so the chi-square approximation holds
@@ -138,7 +138,7 @@ def _chi2_pvalue(counts, joint):
     return sps.chisquare(obs[keep], exp[keep]).pvalue
 
 
-ALPHA = 1e-3
+ALPHA = 1e-3  # significance level of the exactness tests (seeds are fixed, so the outcome is deterministic)
 
 
 @pytest.mark.parametrize("name,dirac,opts", [
@@ -244,3 +244,32 @@ def test_tidar_ratio_accepts_with_min_1_ratio_and_has_no_residual():
     for i in range(3):  # the emitted token at a failure (or the bonus) ~ p_i
         sel = nxt[n == i]
         np.testing.assert_allclose(np.bincount(sel, minlength=4) / len(sel), p[i], atol=4 * np.sqrt(.25 / len(sel)))
+
+
+def test_topk_membership_ratio_and_chain_stop():
+    """Accept iff d in top-k(p) and p(d) >= r * max p; stop at the first failure; at T=0 next = argmax at n."""
+    p = np.array([[.5, .3, .1, .05, .03, .02], [.1, .2, .4, .25, .03, .02], [.05, .1, .15, .2, .22, .28],
+                  [.1, .5, .1, .1, .1, .1]])  # top-2: {0, 1}, {2, 3}, {5, 4}; bonus argmax 1
+    z = jnp.broadcast_to(jnp.asarray(np.log(p), jnp.float32), (4, 4, 6))
+    d = jnp.array([[1, 3, 4],  # all in the top-2: fully accepted, bonus
+                   [0, 1, 5],  # d_1 is 4th: stop at 1 although d_2 is in the top-2
+                   [2, 2, 5],  # d_0 outside: n = 0
+                   [0, 2, 4]])  # argmax, argmax, 2nd with p = .22 vs max .28 (ratio .79)
+    run = jax.jit(lambda z, d, r: A.get("topk")(z, d, None, jax.random.PRNGKey(0), {"k": 2, "r": r}))
+    for r, n_want, next_want in [(0.0, [3, 1, 0, 3], [1, 2, 0, 1]),
+                                 (.75, [0, 1, 0, 3], [0, 2, 0, 1]),  # row 0: .3 < .75 * .5 now fails
+                                 (.8, [0, 1, 0, 2], [0, 2, 0, 5])]:  # row 3: .22 < .8 * .28
+        n, nxt = run(z, d, r)
+        np.testing.assert_array_equal(n, n_want, err_msg=f"r={r}")
+        np.testing.assert_array_equal(nxt, next_want, err_msg=f"r={r}")
+
+
+@pytest.mark.parametrize("q_kind", ["dirac", "sampled"])
+def test_rejection_never_accepts_a_zero_probability_draft(q_kind, monkeypatch):
+    """jax.random.uniform can return exactly 0: with u <= p(d) a draft that top-k removed (p = 0) was accepted."""
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape, *a, **k: jnp.zeros(shape))
+    z = jnp.log(jnp.array([[[.5, .3, .15, .05], [.4, .3, .2, .1]]]))
+    q = jnp.array([[[.1, .1, .7, .1]]]) if q_kind == "sampled" else None
+    n, nxt = jax.jit(lambda z, q: A.get("rejection")(z, jnp.array([[2]]), q, jax.random.PRNGKey(0),
+                                                     {"temperature": 1.0, "top_k": 2}))(z, q)
+    assert int(n[0]) == 0 and int(nxt[0]) in (0, 1)
