@@ -159,7 +159,8 @@ def pooled(results) -> dict:
     tok, rows = sum(s["tokens"] for s in st), sum(len(r.tokens) for r in results)
     out = {"tokens": tok, "rows": rows, "forwards": sum(s["forwards"] for s in st), "steps": sum(s["steps"] for s in st),
            "seconds": sum(s["seconds"] for s in st), "prefill_seconds": sum(s["prefill_seconds"] for s in st),
-           "tokens_per_forward": tok / max(sum(s["forwards"] * len(r.tokens) for s, r in zip(st, results)), 1)}
+           "tokens_per_forward": (tok - sum(s["prefill_tokens"] for s in st))
+           / max(sum(s["forwards"] * len(r.tokens) for s, r in zip(st, results)), 1)}
     if all("counts" in s for s in st):
         c = [s["counts"] for s in st]
         reached = np.sum([x["reached"] for x in c], 0)

@@ -13,13 +13,20 @@ from zaya.model.transformer import Impl, apply
 
 
 def step(params, c: ZayaConfig, impl: Impl, opts: dict, state: State) -> tuple[State, dict]:
-    """Sample the next token from the current logits, commit it, and compute the logits after it."""
+    """Sample the next token from the current logits, commit it, and compute the logits after it.
+
+    The forward is skipped once every row is done: its logits would never be read, and counting it would charge AR
+    one forward per prompt that the block samplers (whose steps end with the acceptance) never pay."""
     key, sub = jax.random.split(state.key)
     tok = sample(state.logits, sub, opts["temperature"], opts["top_k"], opts["top_p"])
     state, kept = append(state, tok[:, None], jnp.ones_like(state.n), opts["eos_id"], opts.get("stop"))
     B = tok.shape[0]
-    lay = layout_lib.causal(B, 1, start=state.cache.length)
-    logits, chunk, _ = apply(params, c, tok[:, None], lay, state.cache, impl)
-    cache = commit(state.cache, chunk, kept)
-    state = state.replace(cache=cache, logits=logits[:, 0], key=key, forwards=state.forwards + 1)
-    return state, {"accepted": kept, "next": tok}
+
+    def forward(state):
+        lay = layout_lib.causal(B, 1, start=state.cache.length)
+        logits, chunk, _ = apply(params, c, tok[:, None], lay, state.cache, impl)
+        cache = commit(state.cache, chunk, kept)
+        return state.replace(cache=cache, logits=logits[:, 0], forwards=state.forwards + 1)
+
+    state = jax.lax.cond(state.done.all(), lambda s: s, forward, state)
+    return state.replace(key=key), {"accepted": kept, "next": tok}

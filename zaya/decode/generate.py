@@ -164,7 +164,10 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     forwards = int(state.forwards)
     stats = {"sampler": sampler, "forwards": forwards, "steps": len(infos), "tokens": int(n.sum()),
              "seconds": t2 - t1, "prefill_seconds": prefill_s, "tokens_per_s": float(n.sum()) / max(t2 - t1, 1e-9),
-             "tokens_per_forward": float(n.sum()) / max(forwards, 1) / B}
+             # one token per row comes from the prefill's logits, for every sampler: tokens per forward counts the
+             # tokens the decode forwards produced (AR: exactly 1 at batch 1)
+             "prefill_tokens": int(np.minimum(n, 1).sum()),
+             "tokens_per_forward": float(n.sum() - np.minimum(n, 1).sum()) / max(forwards, 1) / B}
     extra = getattr(mod, "summarize", None)
     if extra is not None:
         stats.update(extra(infos, opts))
