@@ -655,3 +655,67 @@ def test_bench_child_rss_not_inflated_by_parent():
     assert small < 200, small
     assert 300 < big < 300 + 200, big
     del ballast
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer travels with the checkpoint; a converted folder loads onto a mesh.
+
+def word_tokenizer(path, n):
+    """A tokenizers-library file with n ids (a word-level vocabulary: nothing to train)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def test_tokenizer_copied_by_convert_and_export(fixtures_dir, tmp_path):
+    from tokenizers import Tokenizer
+    src = copy_fixture(fixtures_dir, "native", tmp_path / "src")
+    tok = word_tokenizer(os.path.join(src, "tokenizer.json"), 300)
+    cli.convert(src, str(tmp_path / "z"))
+    copy = os.path.join(tmp_path, "z", "tokenizer.json")
+    assert open(copy, "rb").read() == open(tok, "rb").read()
+    assert Tokenizer.from_file(copy).encode("w5 w299 w7").ids == [5, 299, 7]
+    assert zaya.load(str(tmp_path / "z")).tokenizer == copy
+    cli.export(str(tmp_path / "z"), str(tmp_path / "hf"))
+    assert open(os.path.join(tmp_path, "hf", "tokenizer.json"), "rb").read() == open(tok, "rb").read()
+    cli.export(os.path.join(fixtures_dir, "native"), str(tmp_path / "hf2"))  # none to copy: none written
+    assert "tokenizer.json" not in os.listdir(tmp_path / "hf2")
+
+
+def test_tokenizer_larger_than_the_vocab_refused(fixtures_dir, tmp_path):
+    src = copy_fixture(fixtures_dir, "native", tmp_path / "src")
+    word_tokenizer(os.path.join(src, "tokenizer.json"), 513)  # the fixture's vocab_size is 512
+    convert_fails(src, tmp_path / "out", "513 tokens", "vocab_size 512")
+    assert_no_output(tmp_path / "out")
+    with open(os.path.join(src, "tokenizer.json"), "w") as f:
+        f.write("{not json")
+    convert_fails(src, tmp_path / "out", "tokenizer.json", "not a valid tokenizers file")
+    assert_no_output(tmp_path / "out")
+
+
+def test_load_converted_with_mesh(fixtures_dir, tmp_path):
+    """zaya.load(convert output, mesh=...) restores straight onto the mesh (fsdp/tensor/expert), the params carry
+    the rules' shardings (also after a dtype cast on load), and the sharded logits equal single-device ones."""
+    from zaya import sharding
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices: conftest sets XLA_FLAGS before jax starts")
+    src = os.path.join(fixtures_dir, "native")
+    cli.convert(src, str(tmp_path / "f32"))
+    cli.convert(src, str(tmp_path / "bf16"), dtype="bfloat16")
+    mesh = sharding.make_mesh(fsdp=2, tensor=2, expert=2)
+    for folder in ("f32", "bf16"):  # bf16 on disk, fp32 on load: cast after the sharded restore
+        m = zaya.load(str(tmp_path / folder), mesh=mesh)
+        want = sharding.param_shardings(m.config, mesh)
+        for x, s in zip(jax.tree.leaves(m.params), jax.tree.leaves(want)):
+            assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
+        assert m.params["layers"]["experts"]["gate_up"].dtype == np.float32
+    q = m.params["layers"]["q"]
+    assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.size < q.size  # really split
+    ids = np.load(os.path.join(src, "input_ids.npy"))
+    ids = np.concatenate([ids, ids[:, ::-1]], 0)  # the batch splits over fsdp
+    single = zaya.load(str(tmp_path / "f32"))
+    ref = np.concatenate([single.logits(ids[:1]), single.logits(ids[1:])], 0)  # logits_err's compiled shape
+    np.testing.assert_allclose(zaya.load(str(tmp_path / "f32"), mesh=mesh).logits(ids), ref, atol=1e-5)
+    np.testing.assert_allclose(ref[:1], np.load(os.path.join(src, "logits.npy")), atol=1e-4)

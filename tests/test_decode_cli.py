@@ -2,7 +2,6 @@
 clear errors (exit code 2) for bad flags. Generated ids are compared with ``zaya.generate`` for the same settings
 (same options -> the same compiled executables, so each comparison compiles once)."""
 import inspect
-import json
 import os
 import re
 import shutil
@@ -50,105 +49,92 @@ def random_params(c, seed=0):
     return map_specs(one, param_specs(c))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A zaya checkpoint folder of the tiny preset with random weights (eos 106, bos 2, vocab 512)."""
-    d = str(tmp_path_factory.mktemp("gen") / "m")
-    c = zaya.preset("tiny")
-    ckpt.save(d, random_params(c), c)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok_dir(model_dir, tmp_path_factory):
-    """The same model with a small BPE tokenizer.json (BOS = id 2, as the config)."""
+def add_tokenizer(folder):
+    """A small BPE tokenizer.json (BOS = id 2, as the config) in ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    d = tmp_path_factory.mktemp("tok") / "m"
-    shutil.copytree(model_dir, d)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the cat sat on the mat", "hello world, hello there"] * 20, trainer)
-    tok.save(str(d / "tokenizer.json"))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def free(model_dir):
-    """Greedy AR continuations of PROMPTS without any stop (the compiled set the --no-eos runs share)."""
-    return zaya.generate(zaya.load(model_dir), PROMPTS, max_new_tokens=N).tokens
-
-
-def cut(row, eos, stops):
-    """Reference: a row ends right after its first EOS or completed stop sequence."""
-    for j in range(len(row)):
-        if row[j] == eos or any(row[max(j + 1 - len(s), 0): j + 1] == s for s in stops):
-            return row[: j + 1]
-    return row
-
-
-def test_ids_prompt_matches_api_and_prints_stats(model_dir, free, capsys):
-    res = cli.main(argv(model_dir, "--no-eos"))
-    assert res.tokens == free and [len(t) for t in free] == [N, N]
-    out = capsys.readouterr().out
-    assert f"prompt {PROMPTS[0]} -> {free[0]}" in out and f"prompt {PROMPTS[1]} -> {free[1]}" in out
-    s = res.stats
-    assert f"[ar] {s['tokens']} tokens in " in out and s["tokens"] == 2 * N
-    assert f"{s['forwards']} forwards, {s['tokens_per_forward']:.2f} tokens/forward/row" in out
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return tok
 
 
 SF = ("--sampler", "single_forward", "--block-size", "4", "--levels", "0,2,4")
+SF_KW = dict(sampler="single_forward", acceptance="greedy", block_size=4, levels=(0, 2, 4))  # = the CLI's options
 
 
-def test_single_forward_matches_api_and_ar(model_dir, free, capsys):
-    """Greedy acceptance is lossless: the block sampler's ids equal the AR ids; the acceptance stats print."""
-    res = cli.main(argv(model_dir, "--no-eos", *SF))
-    ref = zaya.generate(zaya.load(model_dir), PROMPTS, sampler="single_forward", max_new_tokens=N, block_size=4,
-                        levels=(0, 2, 4))
-    assert res.tokens == ref.tokens == free
-    s, out = res.stats, capsys.readouterr().out
-    assert f"[single_forward] {s['tokens']} tokens in " in out
+@pytest.fixture(scope="module")
+def m(tmp_path_factory):
+    """Two zaya folders of one random tiny model: ``plain`` (eos 106, never emitted here) and ``eos``, whose config
+    eos_token_id is the token greedy decoding of PROMPTS[0] first emits at step i >= 2; ``free``: the greedy ids
+    without EOS (single_forward with greedy acceptance, which is lossless). Compile budget: every test below runs
+    either single_forward without EOS on ``plain`` or AR with the config's EOS on ``eos`` (two compiled sets)."""
+    d = tmp_path_factory.mktemp("gen")
+    c = zaya.preset("tiny")
+    params = random_params(c)
+    ckpt.save(str(d / "plain"), params, c)
+    free = zaya.generate(zaya.load(str(d / "plain")), PROMPTS, max_new_tokens=N, **SF_KW).tokens
+    i = next(i for i in range(2, N) if free[0][i] not in free[0][:i])
+    ckpt.save(str(d / "eos"), params, c.replace(eos_token_id=free[0][i]))
+    for name in ("plain", "eos"):
+        shutil.copytree(d / name, d / f"{name}_tok")
+        add_tokenizer(d / f"{name}_tok")
+    return dict(plain=str(d / "plain"), eos=str(d / "eos"), plain_tok=str(d / "plain_tok"),
+                eos_tok=str(d / "eos_tok"), free=free, i=i, t=free[0][i])
+
+
+def cut(row, eos):
+    """Reference: a row ends right after its first EOS."""
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+def test_single_forward_ids_prompt_matches_api_and_prints_stats(m, capsys):
+    res = cli.main(argv(m["plain"], "--no-eos", *SF))
+    assert res.tokens == m["free"] and [len(r) for r in res.tokens] == [N, N]
+    out = capsys.readouterr().out
+    assert f"prompt {PROMPTS[0]} -> {m['free'][0]}" in out and f"prompt {PROMPTS[1]} -> {m['free'][1]}" in out
+    s = res.stats
+    assert s["tokens"] == 2 * N and f"[single_forward] {s['tokens']} tokens in " in out
+    assert f"{s['forwards']} forwards, {s['tokens_per_forward']:.2f} tokens/forward/row" in out
     assert f"useful slots {s['useful_slot_fraction']:.3f}, acceptance per position " in out
 
 
+def test_ar_stops_on_the_config_eos_by_default(m, capsys):
+    """No --eos-id: row 0 stops at the config's EOS (kept) at step i; the ids are zaya.generate's for eos_id = t
+    and AR's greedy ids are the (lossless) single_forward ones cut there."""
+    res = cli.main(argv(m["eos"]))
+    ref = zaya.generate(zaya.load(m["eos"]), PROMPTS, max_new_tokens=N, eos_id=m["t"])
+    assert res.tokens == ref.tokens == [cut(r, m["t"]) for r in m["free"]]
+    assert len(res.tokens[0]) == m["i"] + 1 < N + 1 and res.tokens[0][-1] == m["t"]
+    s, out = res.stats, capsys.readouterr().out
+    assert f"[ar] {s['tokens']} tokens in " in out and s["tokens"] == sum(map(len, ref.tokens))
+    assert f"prompt {PROMPTS[0]} -> {ref.tokens[0]}" in out
+
+
 @pytest.mark.parametrize("sampler", ["ar", "single_forward"])
-def test_text_prompt(tok_dir, model_dir, sampler, capsys):
+def test_text_prompt(m, sampler, capsys):
     """Text prompts go through tokenizer.json with BOS prepended; the output is decoded (same compiles as above)."""
+    folder = m["eos_tok"] if sampler == "ar" else m["plain_tok"]
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     texts = ["hello world", "the cat sat"]
-    flags = ["--no-eos", "--max-new-tokens", str(N)] + [x for t in texts for x in ("--prompt", t)]
-    res = cli.main([tok_dir, *flags, *(SF if sampler != "ar" else ())])
+    flags = ["--max-new-tokens", str(N)] + [x for t in texts for x in ("--prompt", t)]
+    res = cli.main([folder, *flags, *(("--no-eos", *SF) if sampler != "ar" else ())])
     ids = [[2] + tok.encode(t).ids for t in texts]
     assert all(len(r) < 16 for r in ids)  # one padded prompt shape with the id tests
-    kw = dict(block_size=4, levels=(0, 2, 4)) if sampler != "ar" else {}
-    ref = zaya.generate(zaya.load(model_dir), ids, sampler=sampler, max_new_tokens=N, **kw)
+    kw = SF_KW if sampler != "ar" else dict(eos_id=m["t"])
+    ref = zaya.generate(zaya.load(folder), ids, max_new_tokens=N, **kw)
     assert res.tokens == ref.tokens
     out = capsys.readouterr().out
     assert f"prompt {ids[1]} -> {tok.decode(ref.tokens[1])}" in out
 
 
-def test_eos_defaults_to_the_config_and_stop_ids(model_dir, free, tmp_path):
-    """eos_token_id in the config = the token greedy decoding emits at step 2 of row 0: that row stops there (EOS
-    kept); row 1 stops after a --stop sequence of its own. --eos-id -1 and --no-eos decode through."""
-    i = next(i for i in range(2, N) if free[0][i] not in free[0][:i])  # a token that is new at step >= 2
-    eos = free[0][i]
-    j = next(j for j in range(2, N - 1) if free[1][j] != eos)
-    stop = free[1][j - 1: j + 1]
-    src = shutil.copytree(model_dir, tmp_path / "m")
-    cfg = json.load(open(src / "zaya_config.json"))
-    json.dump(dict(cfg, eos_token_id=eos), open(src / "zaya_config.json", "w"))
-    res = cli.main(argv(str(src), "--stop", ",".join(map(str, stop))))
-    assert res.tokens == [cut(r, eos, [stop]) for r in free]
-    assert len(res.tokens[0]) == i + 1 <= N and res.tokens[0][-1] == eos and len(res.tokens[1]) <= j + 1 < N
-    assert cli.main(argv(str(src), "--eos-id", "-1")).tokens == free
-    assert cli.main(argv(str(src), "--no-eos")).tokens == free
-
-
-def test_flags_map_to_generate_kwargs(model_dir, tok_dir, monkeypatch):
+def test_flags_map_to_generate_kwargs(m, monkeypatch):
     """Cheap (no decoding): what each flag becomes, through main(argv) and through the top-level `zaya` parser."""
+    model_dir, tok_dir = m["plain"], m["plain_tok"]
     calls = []
     monkeypatch.setattr(zaya, "generate", lambda model, **kw: calls.append(kw) or gen_mod.Result(
         [[] for _ in kw["prompt_ids"]], {"sampler": "x", "tokens": 0, "seconds": 1.0, "tokens_per_s": 0.0,
@@ -158,7 +144,7 @@ def test_flags_map_to_generate_kwargs(model_dir, tok_dir, monkeypatch):
     kw = calls.pop()
     assert kw["eos_id"] == 106 and kw["stop"] == [[5, 6], [7]] and kw["prompt_ids"] == PROMPTS
     assert (kw["k"], kw["r"], kw["block_size"], kw["acceptance"]) == (3, 0.5, 2, "topk")
-    assert kw["mix_weight"] is None and kw["anchor"] is None and kw["draft_temperature"] is None  # sampler defaults
+    assert not {"mix_weight", "anchor", "draft_temperature"} & set(kw)  # not given: the sampler's defaults
     cli.main(argv(model_dir, "--sampler", "two_forward", "--acceptance", "typical", "--rule-option", "epsilon=0.2",
                   "--draft-temperature", "0.7", "--mix-weight", "0.5", "--anchor", "mask", "--eos-id", "7"))
     kw = calls.pop()
@@ -170,6 +156,13 @@ def test_flags_map_to_generate_kwargs(model_dir, tok_dir, monkeypatch):
     zaya_cli.main(["generate", model_dir, "--max-new-tokens", "3"])  # top-level parser: EOS default, BOS prompt
     kw = calls.pop()
     assert (kw["eos_id"], kw["prompt_ids"], kw["max_new_tokens"], kw["stop"]) == (106, [[2]], 3, None)
+    for off in (["--no-eos"], ["--eos-id", "-1"]):
+        cli.main(argv(m["eos"], *off))
+        assert calls.pop()["eos_id"] is None
+    zaya_cli.main(["generate", m["eos"], "--eos-id", "-1"])
+    assert calls.pop()["eos_id"] is None
+    cli.main(argv(m["eos"]))
+    assert calls.pop()["eos_id"] == m["t"]
     cli.main([tok_dir, "--prompt", "the cat", "--stop", "the mat"])  # text stop: no BOS
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
@@ -216,9 +209,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("flags,msg", BAD, ids=[" ".join(f) for f, _ in BAD])
-def test_bad_flags_exit_2_with_a_clear_message(model_dir, capsys, flags, msg):
+def test_bad_flags_exit_2_with_a_clear_message(m, capsys, flags, msg):
     with pytest.raises(SystemExit) as e:
-        cli.main([model_dir, *flags])
+        cli.main([m["plain"], *flags])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "zaya generate: error:" in err and msg in err, err

@@ -162,8 +162,10 @@ def check(a, model) -> dict:
         raise ValueError(f"--block-size {a.block_size}: must be >= 1")
     if a.mix_weight is not None and not 0 <= a.mix_weight <= 1:
         raise ValueError(f"--mix-weight {a.mix_weight}: must be in [0, 1]")
-    kw.update(acceptance=a.acceptance, block_size=a.block_size, draft_temperature=a.draft_temperature,
-              mix_weight=a.mix_weight, anchor=a.anchor, **rule_options(a.rule_option, a.acceptance))
+    kw.update(acceptance=a.acceptance, block_size=a.block_size, **rule_options(a.rule_option, a.acceptance))
+    # flags not given stay out: the samplers' defaults apply, and the options (a jit cache key) equal a plain
+    # zaya.generate call's
+    kw.update({k: getattr(a, k) for k in ("draft_temperature", "mix_weight", "anchor") if getattr(a, k) is not None})
     if a.levels:
         if a.sampler != "single_forward":
             raise ValueError("--levels only applies to --sampler single_forward")
