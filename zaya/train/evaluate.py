@@ -132,7 +132,8 @@ def evaluate(model_dir: str, base_dir: str | None = None, data_cfg=None, tokeniz
         check_vocab(tok, m.config.vocab_size)
         r = {"path": os.path.abspath(path), "ar_loss": ar_loss(m.params, m.config, batches, fast_compile)}
         dm = run_eval(make_eval_fn(m.config, opts, Impl(), None, fast_compile), m.params, batches)
-        keep = ("diff_loss", "diff_acc_per_pos", "diff_acc", "first_slot_agree", "ar_acc")
+        keep = ("diff_loss", "diff_acc_per_pos", "diff_acc", "first_slot_agree", "ar_acc", "diff_acc_first_ctx",
+                "ar_acc_first_ctx")
         r.update({k: dm[k] for k in keep if k in dm})
         r.update(task_accuracy(m, tok, num_tasks, max_new_tokens, task_seed, vf,
                                max_len=int(dict(data_cfg).get("task_max_len", 8))))
