@@ -19,7 +19,7 @@ from zaya.tidar.objective import (TidarOptions, ar_eval, build, diffusion_metric
 S = 16
 CASES = {  # one compiled loss per case, shared by the tests below
     "A": TidarOptions(block_size=4, alpha=0.5, position_gamma=0.7, prompt_masking=True),
-    "B": TidarOptions(block_size=4, anchor=True, alpha=2.0),
+    "B": TidarOptions(block_size=4, anchor=True, alpha=2.0, block_start="document"),
     "C": TidarOptions(block_size=2, anchor=True, block_causal=True, masking="random", mask_ratio=0.6,
                       doc_masking=False),
     "D": TidarOptions(block_size=4, block_start="document", prompt_masking=True),
@@ -94,7 +94,7 @@ def _dense_case(c, name):
               else np.ones((B, S), bool))
     anchored = opts.anchor != "none"
     slots, pos, mask = reference_layout(doc, opts.block_size, anchor=anchored, block_causal=opts.block_causal,
-                                        doc_aligned=anchored or opts.block_start == "document")
+                                        doc_aligned=opts.block_start == "document")
     tok = np.array([[x[r, i] if k == "clean" or (k == "mask" and not masked[r, i]) else
                      x[r, i - 1] if k == "anchor" and opts.anchor == "token" else c.mask_token_id
                      for k, i in slots[r]] for r in range(B)])
@@ -141,7 +141,7 @@ def _naive_loss(opts, d, logits):
     ar = [0.0, 0]
     df = [0.0, 0]
     hits, cnt, first, anchor = np.zeros(b), np.zeros(b), np.zeros(4), [0, 0]
-    row = opts.block_start == "row" and opts.anchor == "none"
+    row = opts.block_start == "row"
     for r in range(B):
         slot_of = {i: t for t, (k, i) in enumerate(slots[r]) if k == "mask"}
         for t, (k, i) in enumerate(slots[r]):  # the anchor mask of the block at i predicts x_{i-1}
@@ -156,7 +156,7 @@ def _naive_loss(opts, d, logits):
                 ar[0] += -logp[r, i, x[r, i + 1]]
                 ar[1] += 1
             kb = i - i % b  # row blocks: a mask in a block owned by another document carries no loss
-            foreign = row and doc[r, kb] >= 0 and doc[r, i] != doc[r, kb]
+            foreign = row and doc[r, i] != doc[r, kb] and (doc[r, kb] >= 0 or opts.anchor != "none")
             if resp[r, i] and masked[r, i] and not foreign:
                 t = slot_of[i]
                 k = i % b if row else pos[r, i] % b
@@ -349,7 +349,7 @@ _metrics = jax.jit(diffusion_metrics, static_argnums=1)
 def test_first_position_metrics_match_a_loop():
     """diff_acc_first_ctx / ar_acc_first_ctx == a loop over the blocks' first tokens with context (a clean token
     of their document before them) that are labels (not prompt), on the packed prompt-masked batch with row
-    blocks (A), document blocks (D) and mask anchors (E), from synthetic predictions that hit some of them."""
+    blocks (A), document blocks (D) and mask-anchored row blocks (E), from synthetic predictions that hit some of them."""
     c = preset("tiny")
     batch = batch_main(c)
     x, doc, lm = batch["tokens"], batch["doc_ids"], batch["loss_mask"]
@@ -366,7 +366,7 @@ def test_first_position_metrics_match_a_loop():
             pos = 0
             for i in range(1, S):
                 pos = pos + 1 if doc[r, i] == doc[r, i - 1] else 0
-                starts = i % b == 0 if name == "A" else pos % b == 0  # row blocks vs document blocks
+                starts = i % b == 0 if opts.block_start == "row" else pos % b == 0
                 if doc[r, i] >= 0 and pos > 0 and starts and lm[r, i] > 0:
                     hits.append((pred[r, i] == x[r, i], ar_pred[r, i - 1] == x[r, i]))
         want = np.mean(hits, 0)

@@ -56,12 +56,14 @@ def reference_layout(doc, b, anchor=False, block_causal=False, doc_aligned=True)
             slots += [("mask", i) for i in range(S)]
         else:
             for g in range(S // b):
-                s = [j for j in range(g * b, g * b + b) if d[j] >= 0 and p[j] > 0 and p[j] % b == 0]
+                s = [j for j in range(g * b, g * b + b) if d[j] >= 0 and p[j] > 0 and (p[j] % b == 0 if doc_aligned
+                                                                                     else j == g * b)]
                 slots += [("anchor", s[0]) if s else ("pad", -1)] + [("mask", j) for j in range(g * b, g * b + b)]
-        row = not anchor and not doc_aligned
+        row = not doc_aligned
         kb = lambda i: i - i % b
         # row blocks: every mask of a block belongs to the document of the block's first index, at its positions
-        owned = lambda kind, i: row and kind == "mask" and d[kb(i)] >= 0
+        # (anchored: a block owned by padding is padding)
+        owned = lambda kind, i: row and kind == "mask" and (anchor or d[kb(i)] >= 0)
         doc_of = lambda kind, i: d[kb(i)] if owned(kind, i) else d[i]
         pos = np.array([p[kb(i)] + i % b if owned(k, i) else p[i] - (k == "anchor") if k != "pad" else 0
                         for k, i in slots])
@@ -110,17 +112,19 @@ def test_training_layout_matches_reference(b, block_causal):
 
 @pytest.mark.parametrize("block_causal", [False, True])
 @pytest.mark.parametrize("b", [1, 2, 4])
-def test_anchored_layout_matches_reference(b, block_causal):
-    """Anchored K+1 blocks: the anchor copies x_{kb-1} at kb-1; the block sees clean <= kb-2 plus itself."""
-    for doc in DOCS:
-        lay = tl.training_anchored(doc, b, block_causal)
-        slots, pos, m = reference_layout(doc, b, anchor=True, block_causal=block_causal)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_anchored_layout_matches_reference(b, block_causal, aligned):
+    """Anchored K+1 blocks (row blocks with the owner rule, or document-aligned): the anchor slot stands at kb-1;
+    the block sees clean <= kb-2 plus itself."""
+    for doc in DOCS + [np.array([[0] * 3 + [-1] * 5 + [1] * 8, [0] * 6 + [1] * 10])]:  # padding owns a block
+        lay = tl.training_anchored(doc, b, block_causal, doc_aligned=aligned)
+        slots, pos, m = reference_layout(doc, b, anchor=True, block_causal=block_causal, doc_aligned=aligned)
         np.testing.assert_array_equal(layout_lib.dense_mask(lay), m)
         v = _valid(lay)
         np.testing.assert_array_equal(np.asarray(lay.pos)[v], pos[v])
         # conv predecessors are 'the visible token at pos-1 / pos-2' (prev_from_mask also asserts it is unique)
         np.testing.assert_array_equal(np.asarray(lay.prev)[v], layout_lib.prev_from_mask(lay, False)[v])
-        src = np.asarray(tl.anchor_sources(doc, b))
+        src = np.asarray(tl.anchor_sources(doc, b, doc_aligned=aligned))
         for r in range(doc.shape[0]):
             want = [i - 1 if k == "anchor" else -1 for k, i in slots[r][doc.shape[1]::b + 1]]
             np.testing.assert_array_equal(src[r], want)
@@ -131,7 +135,7 @@ def test_anchored_layout_matches_reference(b, block_causal):
 def test_builders_trace_under_jit():
     doc = jnp.asarray(DOCS[0])
     for f in (lambda d: tl.training(d, 4), lambda d: tl.training(d, 4, doc_aligned=True),
-              lambda d: tl.training_anchored(d, 4), tl.clean):
+              lambda d: tl.training_anchored(d, 4), lambda d: tl.training_anchored(d, 4, doc_aligned=True), tl.clean):
         a, b = f(doc), jax.jit(f)(doc)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -248,3 +252,23 @@ def test_anchored_blocks_equal_decode_drafting(model, anchor):
         for r in range(2):
             np.testing.assert_allclose(draft[r, 1:], train[r, idx[kb[r]:kb[r] + B_]], atol=2e-5)
             np.testing.assert_allclose(draft[r, 0], train[r, idx[kb[r]] - 1], atol=2e-5)  # the anchor slot
+
+
+def test_anchored_row_blocks_start_mid_document_like_decode_drafting(model):
+    """Mask-anchored row blocks (the default) in a packed row where document 1 starts at index 5: the chunk of
+    index 8 ([mask at position 2, masks at 3..6] of document 1) equals drafting [mask x 5] after a cache of
+    document 1's first 2 tokens; the chunk of index 4 belongs to document 0 (positions 3..7, past its end: b masks
+    whatever the length, as decoding near an answer's end) and equals drafting after document 0's first 3."""
+    c, p = model
+    x = _tokens(c)
+    doc = jnp.asarray([[0] * 5 + [1] * 11] * 2)
+    bt = build(x, doc, None, TidarOptions(block_size=B_, anchor="mask"), c.mask_token_id)
+    train = np.asarray(_apply(p, c, bt["inputs"], bt["layout"]))
+    masks = jnp.full((2, B_ + 1), c.mask_token_id, jnp.int32)
+    alone = jnp.concatenate([x[:, 5:], x[:, :5]], 1)  # document 1 in a row of its own
+    for g, L, row in [(2, 2, alone), (1, 3, x)]:
+        cache = _prefill(p, c, row, jnp.array([L, L]))[1]
+        draft = np.asarray(_draft(p, c, masks, decode_layouts.draft(jnp.array([L, L]), B_), cache))
+        chunk = S + g * (B_ + 1)
+        np.testing.assert_allclose(draft, train[:, chunk:chunk + B_ + 1], atol=2e-5)
+    assert not np.asarray(bt["diff_valid"])[0, 5:8].any() and np.asarray(bt["diff_valid"])[0, 4] == 1

@@ -11,10 +11,10 @@ cache holding positions 0..kb-2. The layout is the same whatever the anchor slot
 copy of x_{kb-1} (token anchor, ``[a', mask x K]``, ``draft_anchored``) or a mask (mask anchor, ``[mask x (K+1)]``
 at the bonus position, Zyphra's serving layout, ``draft_block(kb-1, b+1)``).
 
-Blocks are global (block k = indices kb..kb+b-1 of the row) in ``training`` by default, and all b masks of a block
+Blocks are global (block k = indices kb..kb+b-1 of the row) by default, and all b masks of a block (and its anchor)
 belong to the document of its first index (see ``training``), so the model never learns a document's length from
-how many masks it sees; with ``doc_aligned`` (and always in ``training_anchored``) they restart at each document
-start (block k of a document = its positions kb..kb+b-1), so a packed document trains exactly as it would alone.
+how many masks it sees; with ``doc_aligned`` they restart at each document start (block k of a document = its
+positions kb..kb+b-1), so a packed document trains exactly as it would alone.
 
 Every builder is traceable (jnp only): it runs under jit with traced ``doc_ids``.
 
@@ -103,36 +103,46 @@ def anchored_mask_index(S: int, block: int) -> np.ndarray:
     return S + (i // block) * (block + 1) + 1 + i % block
 
 
-def anchor_sources(doc_ids, block: int):
+def anchor_sources(doc_ids, block: int, doc_aligned: bool = False):
     """[B, S // block]: the clean index whose token fills chunk g's anchor slot, or -1 (no anchor in the chunk).
 
-    Chunk g holds the masks of indices g*b .. g*b+b-1. A document block starting at index s with in-document
-    position pos_s >= b (not the document's first block, so x_{s-1} is in the same document) has its anchor
-    x_{s-1} in the chunk that contains s. Such a start is unique per chunk: two would lie in one document less
-    than b apart, yet both at positions that are multiples of b.
+    Chunk g holds the masks of indices g*b .. g*b+b-1. Row blocks (default): the chunk is one block owned by the
+    document of index g*b; it has an anchor x_{gb-1} unless g*b is its document's first token (or padding).
+    ``doc_aligned``: a document block starting at index s with in-document position pos_s >= b (not the document's
+    first block, so x_{s-1} is in the same document) has its anchor x_{s-1} in the chunk that contains s. Such a
+    start is unique per chunk: two would lie in one document less than b apart, yet both at positions that are
+    multiples of b.
     """
     doc, i, _, pos = _docs(doc_ids)
     B, S = doc.shape
     if S % block:
         raise ValueError(f"anchored layout needs the sequence length ({S}) to be a multiple of block ({block})")
     n = S // block
+    if not doc_aligned:
+        g0 = jnp.arange(n, dtype=jnp.int32) * block
+        return jnp.where((doc[:, g0] >= 0) & (pos[:, g0] > 0), g0 - 1, -1)
     starts = ((pos % block == 0) & (pos > 0) & (doc >= 0)).reshape(B, n, block)
     s = jnp.arange(n, dtype=jnp.int32)[None] * block + jnp.argmax(starts, -1).astype(jnp.int32)
     return jnp.where(starts.any(-1), s - 1, -1)
 
 
-def training_anchored(doc_ids, block: int, block_causal: bool = False) -> Layout:
+def training_anchored(doc_ids, block: int, block_causal: bool = False, doc_aligned: bool = False) -> Layout:
     """Layout of the anchored training sequence ``[x_0 .. x_{S-1} | (anchor, mask x b) x S/b]``, S + (S/b)(b+1).
 
-    Blocks are document-aligned. Anchor slots without an anchor (each document's first block, chunks where no
-    block starts) are padding (seg -1). Mask of clean index i sits at ``anchored_mask_index(S, b)[i]``; the anchor
+    Row blocks (default): chunk g is the block of indices gb..gb+b-1 with the owner rule of ``training``: its
+    anchor and all b masks belong to the document of index gb and stand at its positions pos_gb - 1 .. pos_gb+b-1
+    (a document that starts inside the chunk gets no masks there; ``row_block_owner`` marks them), so the mask
+    count never tells a document's length. ``doc_aligned``: blocks restart at each document, and a document's
+    last block is cut at its end (its length leaks through the mask count; kept for ablations). Anchor slots
+    without an anchor (a document's first block, chunks where no block starts) are padding (seg -1), as are the
+    masks of chunks owned by padding. Mask of clean index i sits at ``anchored_mask_index(S, b)[i]``; the anchor
     of the block containing i sits in the chunk of the block's first index.
     """
     doc, i, start, pos = _docs(doc_ids)
     B, S = doc.shape
     b = block
     n = S // b
-    src = anchor_sources(doc, b)  # [B, n] clean index of the anchor (= block start - 1)
+    src = anchor_sources(doc, b, doc_aligned)  # [B, n] clean index of the anchor (= block start - 1)
     has = src >= 0
     s = jnp.maximum(src + 1, 0)  # block start index
     take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)
@@ -140,11 +150,19 @@ def training_anchored(doc_ids, block: int, block_causal: bool = False) -> Layout
     a_seg = jnp.where(has, take(doc, s), -1)
     a_prev = jnp.stack([jnp.where(has & (a_pos - d >= 0), src - d, PREV_ZERO) for d in (1, 2)], -1)
 
-    kb = start + (pos // b) * b  # index of the block's first token
-    kpos = (pos // b) * b  # its in-document position
+    seg = jnp.where(doc >= 0, doc, -1)
+    if doc_aligned:
+        kb = start + (pos // b) * b  # index of the block's first token
+        kpos = (pos // b) * b  # its in-document position
+        m_pos, m_seg = pos, seg
+    else:
+        kb = jnp.broadcast_to((i // b) * b, (B, S))
+        owner, kpos = doc[:, kb[0]], pos[:, kb[0]]
+        m_pos = jnp.where(owner >= 0, kpos + i[None] - kb, 0)
+        m_seg = jnp.where(owner >= 0, owner, -1)
     slot = jnp.asarray(anchored_mask_index(S, b), jnp.int32)
     anchor_slot = S + (kb // b) * (b + 1)  # the anchor of this block lives in the chunk of its first index
-    p = lambda d: pos - d
+    p = lambda d: m_pos - d
 
     def m_prev(d):
         in_blk = p(d) >= kpos
@@ -158,9 +176,8 @@ def training_anchored(doc_ids, block: int, block_causal: bool = False) -> Layout
         x = jnp.concatenate([anchor[:, :, None], masks.reshape(B, n, b, *tail)], 2)
         return x.reshape(B, n * (b + 1), *tail)
 
-    seg = jnp.where(doc >= 0, doc, -1)
     cat = lambda a, b_: jnp.concatenate([a, b_], 1).astype(jnp.int32)
-    return Layout(pos=cat(pos, chunks(a_pos, pos)), seg=cat(seg, chunks(a_seg, seg)),
+    return Layout(pos=cat(pos, chunks(a_pos, m_pos)), seg=cat(seg, chunks(a_seg, m_seg)),
                   blk=cat(jnp.full((B, S), -1), chunks(jnp.where(has, s, 0), kb)),
                   ctx=cat(pos, chunks(a_pos - 1, kpos - 2)),
                   prev=cat(_clean_prev(i, pos), chunks(a_prev, jnp.stack([m_prev(1), m_prev(2)], -1))),

@@ -13,9 +13,10 @@ One backbone, one forward over ``[clean x_0..x_{S-1} | diffusion half]``:
 
   loss = (alpha * CE_AR + CE_diff) / (1 + alpha), each CE a mean over its valid tokens.
 
-Blocks restart at each document (``zaya.tidar.layout``), so a packed document trains as it would alone. The mask
-comes from the ``Layout`` ids (O(T) per row), never a dense [T, T] array. ``mode="ar"`` forwards only the clean
-sequence with the AR loss (pretraining / the AR baseline); ``ar_eval`` is that loss for any model.
+Blocks sit at fixed row indices, owned by the document of their first index, or restart at each document
+(``block_start``, ``zaya.tidar.layout``). The mask comes from the ``Layout`` ids (O(T) per row), never a dense
+[T, T] array. ``mode="ar"`` forwards only the clean sequence with the AR loss (pretraining / the AR baseline);
+``ar_eval`` is that loss for any model.
 
 Batches: {'tokens' int32 [B, S], 'doc_ids' int32 [B, S] (-1 = padding; each document one contiguous run with its
 own id, as ``zaya.data.packing`` makes them), 'loss_mask' float32 [B, S] (optional)}. Valid labels come from
@@ -60,8 +61,8 @@ class TidarOptions:
                     every in-document offset, as the decode-time drafting block does (it starts wherever the
                     committed text ends); "document": blocks restart at each document start (block k covers
                     in-document positions kb .. kb+b-1: a packed document trains exactly as it would alone, but
-                    short documents only ever see blocks at positions 0, b, 2b, ...). The anchored layout always
-                    starts blocks at documents.
+                    short documents only ever see blocks at positions 0, b, 2b, ...; a document's last block is
+                    cut at its end, so the mask count tells its length). Both hold for the anchored layouts.
     mode            "tidar" (dual loss) or "ar" (AR loss on the clean sequence only, T = S)
     ce_chunk        > 0: compute logits and CE in chunks of this many tokens (rematerialised in the backward),
                     so the [B, T, V] fp32 logits never exist at once
@@ -165,10 +166,10 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
             raise ValueError("masking='random' needs an rng key")
         masked = jax.random.bernoulli(rng, opts.mask_ratio, (B, S))
     half = jnp.where(masked, jnp.int32(mask_id), x)
-    anchored = opts.anchor != "none"
+    anchored, aligned = opts.anchor != "none", opts.block_start == "document"
     if anchored:
-        layout = tl.training_anchored(doc, b, opts.block_causal)
-        src = tl.anchor_sources(doc, b)
+        layout = tl.training_anchored(doc, b, opts.block_causal, doc_aligned=aligned)
+        src = tl.anchor_sources(doc, b, doc_aligned=aligned)
         take = lambda a: jnp.take_along_axis(a, jnp.maximum(src, 0), 1)
         has = src >= 0
         a_labels = jnp.where(has, take(x), 0)
@@ -178,15 +179,18 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
         out.update(anchor_index=jnp.asarray(S + np.arange(S // b) * (b + 1), jnp.int32), anchor_labels=a_labels,
                    anchor_valid=(has & take(resp)).astype(jnp.float32))
     else:
-        layout = tl.training(doc, b, opts.block_causal, doc_aligned=opts.block_start == "document")
+        layout = tl.training(doc, b, opts.block_causal, doc_aligned=aligned)
         index = S + np.arange(S)
-    if anchored or opts.block_start == "document":
+    if aligned:
         block_pos = layout.pos[:, :S] % b  # blocks restart at document starts
     else:
         block_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32) % b, (B, S))
     diff_valid = resp & masked
-    if not anchored and opts.block_start == "row":  # masks standing in for another document's tokens
-        diff_valid = diff_valid & ~tl.row_block_owner(doc, b)[1]
+    if not aligned:  # masks standing in for another document's tokens
+        owner, foreign = tl.row_block_owner(doc, b)
+        diff_valid = diff_valid & ~foreign
+        if anchored:  # an anchored chunk owned by padding is padding
+            diff_valid = diff_valid & (owner >= 0)
     diff_valid = diff_valid.astype(jnp.float32)
     diff_weights = diff_valid * jnp.asarray(position_weights(opts))[block_pos]
     return dict(out, inputs=jnp.concatenate([x, half], 1), layout=layout, diff_index=jnp.asarray(index, jnp.int32),
