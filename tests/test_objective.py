@@ -329,18 +329,22 @@ def test_diffusion_metrics_on_synthetic_predictions():
     doc = jnp.array([[0] * 6 + [1] * 10])
     x = jnp.arange(16, dtype=jnp.int32)[None] + 100
     bt = _build(x, doc, None, opts, 4, None)
-    ar_pred = jax.random.randint(jax.random.PRNGKey(0), (1, 16), 0, 50)
+    ar_pred = jax.random.randint(jax.random.PRNGKey(0), (1, 16), 0, 50).at[0, 3].set(104)  # the AR hits x_4
     k = np.asarray(bt["diff_block_pos"])[0]  # 0 1 2 3 0 1 | 0 1 2 3 0 1 2 3 0 1
     pred = np.where(k == 1, np.asarray(x)[0], -1)  # only in-block position 1 is right
     first = np.array([4, 10, 14])  # block-first slots with a previous token in their document (not 0, not 6)
     pred[first] = np.asarray(ar_pred)[0, first - 1]
     m = diffusion_metrics(bt, opts, jnp.zeros((1, 16)), jnp.asarray(pred)[None], ar_pred)
-    np.testing.assert_allclose(np.asarray(m["diff_acc_per_pos"]), [0, 1, 0, 0])
+    np.testing.assert_allclose(np.asarray(m["diff_acc_per_pos"]), [1 / 5, 1, 0, 0])
     np.testing.assert_allclose(np.asarray(m["diff_count_per_pos"]), [5, 5, 3, 3])
     np.testing.assert_allclose(float(m["first_slot_agree"]), 1.0)
+    # same positions (the blocks at 0 and 6, without context, are left out): both hit x_4 only
+    np.testing.assert_allclose([float(m["diff_acc_first_ctx"]), float(m["ar_acc_first_ctx"])], [1 / 3, 1 / 3])
+    np.testing.assert_allclose(float(m["diff_acc_per_pos"][0]), 1 / 5)
     pred[first[0]] = -1
     m = diffusion_metrics(bt, opts, jnp.zeros((1, 16)), jnp.asarray(pred)[None], ar_pred)
     np.testing.assert_allclose(float(m["first_slot_agree"]), 2 / 3, rtol=1e-6)
+    np.testing.assert_allclose([float(m["diff_acc_first_ctx"]), float(m["ar_acc_first_ctx"])], [0, 1 / 3])
 
 
 _metrics = jax.jit(diffusion_metrics, static_argnums=1)
