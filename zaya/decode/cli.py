@@ -1,12 +1,17 @@
 """``zaya generate``: decode prompts from a checkpoint (or random weights of a preset) and report speed.
 
-``add_arguments`` declares every flag (the top-level ``zaya`` parser and ``main(argv)`` share it); ``main`` checks
-the values against the model and the registries and turns bad input into an argparse error (exit code 2).
-Heavy imports (jax, the model) happen inside the functions so ``zaya --help`` stays fast.
+``add_arguments`` declares every flag (for the top-level ``zaya`` parser and ``main(argv)``); ``main`` checks the
+values against the model and the registries and turns bad input into an argparse error (exit code 2).
 """
 from __future__ import annotations
 
 import argparse
+
+import jax
+
+import zaya
+from zaya.api import Model
+from zaya.model.params import init
 
 # Acceptance-rule knobs (zaya/decode/acceptance.py reads them from its options): name -> {key: type}.
 RULE_OPTIONS = {"typical": {"epsilon": float, "delta": float}, "topk": {"k": int, "r": float}}
@@ -53,13 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(spec: str, dtype: str = "float32"):
+def load_model(spec: str, dtype: str = "float32") -> Model:
     """A checkpoint folder, or ``preset:NAME`` for random weights of a preset (smoke tests, benchmarks)."""
-    import jax
-
-    import zaya
-    from zaya.api import Model
-    from zaya.model.params import init
     if spec.startswith("preset:"):
         c = zaya.preset(spec.split(":", 1)[1], dtype=dtype)
         return Model(c, init(c, jax.random.PRNGKey(0), std=0.3))
@@ -179,7 +179,6 @@ def check(a, model) -> dict:
 
 def main(a=None):
     """``a``: an argv list for ``zaya generate`` (None: sys.argv), or a Namespace from the top-level parser."""
-    import zaya
     parser = build_parser()
     if a is None or isinstance(a, (list, tuple)):
         a = parser.parse_args(a)
