@@ -1,4 +1,6 @@
 """attend(): the chunked (flash-style) path equals the dense reference on every layout, with and without a cache."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +77,58 @@ def test_unknown_impl_is_an_error():
     q, k, v = _qkv(jax.random.PRNGKey(0), 1, 4)
     with pytest.raises(ValueError, match="unknown attention impl"):
         attention.attend(q, k, v, causal(1, 4), impl="nope")
+
+
+@pytest.mark.parametrize("limit,expect", [(0, "chunked"), (1 << 40, "reference")])
+def test_auto_picks_by_size_and_matches_dense(monkeypatch, limit, expect):
+    """auto runs chunked above AUTO_DENSE_MAX query-key pairs and reference below; both equal the dense math,
+    without and with a cache (decode: T small, S = cache slots + new keys)."""
+    monkeypatch.setattr(attention, "AUTO_DENSE_MAX", limit)
+    calls = []
+    for name in ["reference", "chunked"]:
+        fn = attention.IMPLS[name]
+        monkeypatch.setitem(attention.IMPLS, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    B, T = 2, 24
+    lay = causal(B, T, valid=jnp.array([24, 13]))
+    q, k, v = _qkv(jax.random.PRNGKey(2), B, T)
+    attend = jax.jit(lambda *a: attention.attend(*a))  # default impl auto; a fresh function: the choice is traced
+    out = attend(q, k, v, lay)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_dense_ref(q, k, v, jnp.asarray(dense_mask(lay)))),
+                               atol=1e-5)
+    lens = jnp.array([9, 13])
+    full = _dense_ref(q, k, v, jnp.asarray(dense_mask(causal(B, T))))
+    take = lambda x: jnp.stack([x[b, lens[b]:lens[b] + 2] for b in range(B)])
+    out = attend(take(q), take(k), take(v), causal(B, 2, start=lens), k, v, lens)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(take(full)), atol=1e-5)
+    assert calls == [expect, expect]
+    assert attention.auto_choice(2, T + 2) == expect
+
+
+def test_tidar_loss_and_grad_chunked_equal_reference(monkeypatch):
+    """A TiDAR training loss and its gradient (tiny model, [clean | masks] layout, two documents in a row) are the
+    same with chunked attention (5-key tiles: several tiles, a padded last one, remat in the scan) as with the
+    dense reference."""
+    from test_tidar_layout import np_params
+    from zaya.config import preset
+    from zaya.model.transformer import Impl
+    from zaya.tidar.objective import TidarOptions, loss_fn
+    from zaya.train.step import jit_options
+
+    monkeypatch.setitem(attention.IMPLS, "chunked_tile5", functools.partial(attention.IMPLS["chunked"], tile=5))
+    c = preset("tiny")
+    p = np_params(c, seed=3)
+    doc = np.array([[0] * 16, [0] * 10 + [1] * 6], np.int32)
+    x = np.asarray(jax.random.randint(jax.random.PRNGKey(4), doc.shape, 5, c.vocab_size), np.int32)
+    batch = {"tokens": x, "doc_ids": doc, "loss_mask": np.ones(doc.shape, np.float32)}
+    opts = TidarOptions(block_size=4)
+
+    @functools.partial(jax.jit, **jit_options(True))
+    def both(p):
+        vg = lambda a: jax.value_and_grad(lambda p: loss_fn(p, c, batch, opts, None, Impl(attention=a))[0])(p)
+        return vg("reference"), vg("chunked_tile5")
+    (l_ref, g_ref), (l_ch, g_ch) = both(p)
+    np.testing.assert_allclose(float(l_ch), float(l_ref), rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_ref))
+    assert scale > 0
+    for a, b in zip(jax.tree.leaves(g_ch), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale)

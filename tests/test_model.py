@@ -68,3 +68,33 @@ def test_init_shapes_and_dtypes():
     logits = transformer.apply(p, c, ids, layout_lib.causal(2, 5))[0]
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
     assert cast(p, c.replace(dtype="float32"))["layers"]["q"].dtype == jnp.float32
+
+
+def _dots(jaxpr, out):
+    """(operand dtypes, output dtype, operand shapes) of every dot in a jaxpr, sub-jaxprs (scan, remat) included."""
+    for e in jaxpr.eqns:
+        if e.primitive.name in ("dot_general", "ragged_dot_general"):
+            out.append((tuple(str(v.aval.dtype) for v in e.invars[:2]), str(e.outvars[0].aval.dtype),
+                        tuple(v.aval.shape for v in e.invars[:2])))
+        for v in e.params.values():
+            if hasattr(v, "eqns"):
+                _dots(v, out)
+            elif hasattr(getattr(v, "jaxpr", None), "eqns"):
+                _dots(v.jaxpr, out)
+    return out
+
+
+@pytest.mark.parametrize("attention", ["reference", "chunked"])
+def test_bf16_matmuls_take_bf16_operands(attention):
+    """bf16 mode: every matmul (projections, attention QK^T and PV, router MLP, experts, logits) takes bf16 operands
+    and accumulates in fp32. The one exception is the CCA grouped conv, spelled in fp32 on operands already rounded
+    to bf16 (XLA:CPU lacks that bf16 x bf16 -> fp32 dot); it is recognised by its [H+K, d, d] weight taps."""
+    c = zaya.preset("tiny", dtype="bfloat16")
+    params = jax.eval_shape(lambda: init(c, jax.random.PRNGKey(0)))
+    impl = transformer.Impl(attention=attention)
+    f = lambda p, t: transformer.apply(p, c, t, layout_lib.causal(2, 8), impl=impl)[0]
+    dots = _dots(jax.make_jaxpr(f)(params, jnp.zeros((2, 8), jnp.int32)).jaxpr, [])
+    conv_w = (c.num_q_heads + c.num_kv_heads, c.head_dim, c.head_dim)
+    assert len(dots) >= 12 and all(out == "float32" for _, out, _ in dots)
+    assert all(ops == ("bfloat16", "bfloat16") for ops, _, shapes in dots if conv_w not in shapes)
+    assert sum(conv_w in shapes for _, _, shapes in dots) == 2
