@@ -156,6 +156,9 @@ def test_flags_map_to_generate_kwargs(m, monkeypatch):
     zaya_cli.main(["generate", model_dir, "--max-new-tokens", "3"])  # top-level parser: EOS default, BOS prompt
     kw = calls.pop()
     assert (kw["eos_id"], kw["prompt_ids"], kw["max_new_tokens"], kw["stop"]) == (106, [[2]], 3, None)
+    zaya_cli.main(["generate", model_dir, "--sampler", "two_forward", "--mix-weight", "0.5", "--anchor", "mask"])
+    kw = calls.pop()  # the top-level `zaya generate` has every flag of zaya.decode.cli
+    assert (kw["mix_weight"], kw["anchor"]) == (0.5, "mask")
     for off in (["--no-eos"], ["--eos-id", "-1"]):
         cli.main(argv(m["eos"], *off))
         assert calls.pop()["eos_id"] is None

@@ -57,21 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_export)
 
     g = sub.add_parser("generate", help="decode from a prompt")
-    g.add_argument("model", help="checkpoint folder (HF or zaya) or preset:NAME for random weights")
-    g.add_argument("--prompt", action="append", default=None, help="text (needs tokenizer.json) or ids '1,2,3'")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--sampler", default="ar")
-    g.add_argument("--acceptance", default="greedy")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--levels", default=None, help="single_forward proposal levels, e.g. 0,4,7,11")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eos-id", type=int, default=None)
-    g.add_argument("--dtype", default="float32")
-    g.add_argument("--loop", choices=["host", "device"], default="host",
-                   help="host: Python loop with a live progress bar; device: every step in one lax.while_loop")
+    from zaya.decode.cli import add_arguments  # the flags live next to their checks
+    add_arguments(g)
     g.set_defaults(fn=_generate)
 
     b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers")
