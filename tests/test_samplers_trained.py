@@ -44,13 +44,45 @@ def trained():
     return Model(c, params), float(loss)
 
 
-def test_trained_model_accepts_drafts_and_stays_exact(trained):
+PROMPTS = [[5, 6, 7, 5, 6, 7, 5], [10, 11, 12, 10, 11, 12, 10, 11], [15, 16, 17, 15, 16, 17]]  # cycles it learned
+
+
+@pytest.fixture(scope="module")
+def ref(trained):
+    return generate(trained[0], PROMPTS, max_new_tokens=32).tokens
+
+
+def test_trained_model_accepts_drafts_and_stays_exact(trained, ref):
     model, loss = trained
     assert loss < 1.0  # it learned the cycles
-    prompts = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12, 9, 10, 11, 12, 9], [5, 8, 11, 14, 5, 8]]
-    ref = generate(model, prompts, max_new_tokens=32)
-    for kw in (dict(sampler="two_forward", anchor="mask"), dict(sampler="single_forward"),
-               dict(sampler="single_forward", levels=(0, 2, 4))):
-        res = generate(model, prompts, block_size=BLOCK - 1, max_new_tokens=32, **kw)
-        assert res.tokens == ref.tokens, kw
-        assert res.stats["tokens_per_step"] > 1.8, (kw, res.stats["tokens_per_step"])  # drafts really accepted (AR: 1)
+    for kw in (dict(sampler="two_forward", block_size=3), dict(sampler="single_forward", block_size=BLOCK - 1),
+               dict(sampler="single_forward", block_size=12, levels=(0, 3, 6, 9))):
+        res = generate(model, PROMPTS, max_new_tokens=32, **kw)
+        assert res.tokens == ref, kw
+        hist = res.stats["tokens_per_step_hist"]
+        assert sum(hist[3:]) > sum(hist[:2]), (kw, hist)  # drafts really accepted: mostly 3+ tokens a step (AR: 1)
+
+
+def _cut(row, eos, stop, budget):
+    """A reference row cut at the budget, after the first EOS, or after the first completed stop sequence."""
+    for i in range(min(budget, len(row))):
+        if row[i] == eos or row[max(i - len(stop) + 1, 0):i + 1] == stop:
+            return row[:i + 1]
+    return row[:budget]
+
+
+@pytest.mark.parametrize("kw", [dict(sampler="two_forward", anchor="mask"), dict(sampler="single_forward")])
+def test_eos_stop_and_budget_cut_inside_an_accepted_block(trained, ref, kw):
+    """Real drafts through ``generate``: row 1 stops on an EOS, row 2 on a stop sequence, row 0 on the budget, each
+    in a step that accepted drafts: what follows the cut is dropped (the tokens are the AR reference cut there) and
+    the statistics count only the kept tokens."""
+    eos, stop, budget = ref[1][2], ref[2][2:4], 13
+    want = [_cut(r, eos, stop, budget) for r in ref]
+    assert [len(w) for w in want] == [budget, 3, 4]  # each row is cut where (and how) it should be
+    res = generate(trained[0], PROMPTS, block_size=BLOCK - 1, max_new_tokens=budget, eos_id=eos, stop=[stop],
+                   trace=True, **kw)
+    assert res.tokens == want
+    for b in range(3):  # the step that finished row b had accepted more drafts than it kept: cut inside the block
+        f = res.trace[max(i for i, f in enumerate(res.trace) if f["active"][b])]
+        assert 0 < f["kept"][b] < f["accepted"][b] + 1, (b, f)
+    assert res.stats["counts"]["committed"] == sum(map(len, want)) - 3  # each row's first token: the prefill's

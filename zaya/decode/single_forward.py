@@ -59,7 +59,7 @@ def step(params, c, impl, opts, state: State):
     lay = layouts.single_forward(state.cache.length, K, lv, o["block_causal"])
     z, chunk, _ = apply(params, c, tokens, lay, state.cache, impl)
     state, n, nxt, active, kept = block.accept_and_append(o, state, z[:, :W], k_acc)
-    cache = commit(state.cache, chunk, jnp.where(active, n + 1, 0))  # the verify tokens come first in the chunk
+    cache = commit(state.cache, chunk, jnp.where(active, kept, 0))  # verify tokens come first; a cut drops the rest
 
     levels = jnp.asarray(lv, jnp.int32)
     j = (levels[None, :] <= n[:, None]).sum(1) - 1

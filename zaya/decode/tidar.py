@@ -46,7 +46,7 @@ def step(params, c, impl, opts, state: State):
     keep = n_acc + 1  # D_0 is always kept
     active = ~state.done
     state, kept = append(state, state.drafts, keep, o["eos_id"], o.get("stop"))
-    cache = commit(state.cache, chunk, jnp.where(active, keep, 0))
+    cache = commit(state.cache, chunk, jnp.where(active, kept, 0))  # an EOS/stop/budget cut drops the rest
     znext = jnp.take_along_axis(sets, (keep - 1)[:, None, None, None], 1)[:, 0]
     d, probs = block.draft_tokens(znext, k_draft, o)
     state = state.replace(cache=cache, drafts=d, draft_probs=probs, draft_logits=znext, key=key,

@@ -1,8 +1,9 @@
 """Two-forward block sampler (Zyphra's "TF"): verify [a, d_1..d_K] causally, accept, then draft [a', mask x K].
 
 Per step: the verify forward gives AR logits for every draft and the bonus; the acceptance rule returns how many
-drafts survive (n) and the next token a'; the cache keeps a, d_1..d_n (n + 1 tokens); the draft forward proposes the
-K tokens after a'. Mask tokens and rejected drafts never enter the cache. With block_size 1 this is AR decoding.
+drafts survive (n) and the next token a'; the cache keeps a, d_1..d_n (n + 1 tokens, fewer when an EOS, a stop
+sequence or the budget cuts the block); the draft forward proposes the K tokens after a'. Mask tokens and rejected
+drafts never enter the cache. With block_size 1 this is AR decoding.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def step(params, c, impl, opts, state: State):
     tokens = jnp.concatenate([state.pending[:, None], state.drafts], 1)
     z, chunk, _ = apply(params, c, tokens, layouts.verify(state.cache.length, K), state.cache, impl)
     state, n, nxt, active, kept = block.accept_and_append(o, state, z, k_acc)
-    cache = commit(state.cache, chunk, jnp.where(active, n + 1, 0))
+    cache = commit(state.cache, chunk, jnp.where(active, kept, 0))  # a, d_1..d_n minus what EOS/stop/budget cut
     state = state.replace(cache=cache, pending=nxt, key=key, forwards=state.forwards + 1)
     state = block.draft_after(params, c, impl, o, state, k_draft)
     return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt, "kept": kept}
