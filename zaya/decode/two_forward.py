@@ -43,7 +43,9 @@ def step(params, c, impl, opts, state: State):
     state, n, nxt, active, kept = block.accept_and_append(o, state, z, k_acc)
     cache = commit(state.cache, chunk, jnp.where(active, kept, 0))  # a, d_1..d_n minus what EOS/stop/budget cut
     state = state.replace(cache=cache, pending=nxt, key=key, forwards=state.forwards + 1)
-    state = block.draft_after(params, c, impl, o, state, k_draft)
+    # no drafting forward once every row is done: its drafts would never be verified (nor counted as a forward)
+    state = jax.lax.cond(state.done.all(), lambda s: s, lambda s: block.draft_after(params, c, impl, o, s, k_draft),
+                         state)
     return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt, "kept": kept}
 
 
