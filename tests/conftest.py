@@ -42,3 +42,17 @@ def _no_persistent_compile_cache():
     /tmp/zaya_bench_xla_cache, and later compiles in that process load executables another process wrote."""
     yield
     assert not jax.config.jax_compilation_cache_dir, "a test enabled jax's persistent compilation cache"
+
+
+def bpe_tokenizer(path, texts):
+    """A small byte-level BPE ``tokenizer.json`` at ``path`` (vocab 300; specials <pad> <eos> <bos> <unk> <mask> =
+    ids 0..4, so BOS = 2 as the tiny configs), trained on ``texts``. Returns the ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(path))
+    return tok

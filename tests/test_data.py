@@ -4,6 +4,7 @@ import json
 import grain
 import numpy as np
 import pytest
+from conftest import bpe_tokenizer
 
 from zaya.data import pipeline, tasks
 from zaya.data.packing import PackedRows, TokenizedDocs, plan
@@ -62,16 +63,9 @@ def test_byte_tokenizer_layout():
 
 @pytest.fixture
 def hf_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["to be or not to be", "that is the question", "whether tis nobler"] * 5, trainer)
     path = tmp_path / "tok" / "tokenizer.json"
     path.parent.mkdir()
-    tok.save(str(path))
+    bpe_tokenizer(path, ["to be or not to be", "that is the question", "whether tis nobler"] * 5)
     return path
 
 

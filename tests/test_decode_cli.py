@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import bpe_tokenizer
 
 import zaya
 from zaya import cli as zaya_cli
@@ -51,15 +52,8 @@ def random_params(c, seed=0):
 
 def add_tokenizer(folder):
     """A small BPE tokenizer.json (BOS = id 2, as the config) in ``folder``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat on the mat", "hello world, hello there"] * 20, trainer)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    return tok
+    return bpe_tokenizer(os.path.join(folder, "tokenizer.json"),
+                         ["the cat sat on the mat", "hello world, hello there"] * 20)
 
 
 SF = ("--sampler", "single_forward", "--block-size", "4", "--levels", "0,2,4")
