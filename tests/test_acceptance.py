@@ -273,3 +273,17 @@ def test_rejection_never_accepts_a_zero_probability_draft(q_kind, monkeypatch):
     n, nxt = jax.jit(lambda z, q: A.get("rejection")(z, jnp.array([[2]]), q, jax.random.PRNGKey(0),
                                                      {"temperature": 1.0, "top_k": 2}))(z, q)
     assert int(n[0]) == 0 and int(nxt[0]) in (0, 1)
+
+
+def test_sampling_never_picks_a_zero_probability_token_under_jit():
+    """Residuals and filtered distributions have exact zeros. Under jit on jax 0.12 (CPU), log(max(0, 1e-38)) was
+    NaN and categorical's argmax picked exactly those tokens (rejection then emitted the rejected draft)."""
+    p = np.tile(np.array([[0.3, 0.0, 0.7, 0.0]], np.float32), (512, 1))
+    s = np.asarray(jax.jit(A._sample_rows)(jax.random.PRNGKey(0), jnp.asarray(p)))
+    assert set(s.tolist()) == {0, 2}
+    z = jnp.asarray(np.random.default_rng(0).standard_normal((512, 3, 12)).astype(np.float32))
+    d = jnp.full((512, 2), 5, jnp.int32)
+    n, nxt = jax.jit(lambda z, d, k: A.rejection(z, d, None, k, {"temperature": 1.0}))(
+        z, d, jax.random.PRNGKey(1))
+    n, nxt = np.asarray(n), np.asarray(nxt)
+    assert (n < 2).any() and not (nxt[n < 2] == 5).any()  # after a rejection the residual excludes the draft

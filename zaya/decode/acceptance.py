@@ -49,7 +49,11 @@ def _pick(p_BKV, d_BK):
 
 
 def _sample_rows(key, p_BV):
-    return jax.random.categorical(key, jnp.log(jnp.maximum(p_BV, 1e-38)), -1).astype(jnp.int32)
+    """One token per row from probabilities with exact zeros. log(0) is written as -inf explicitly: the old
+    log(max(p, 1e-38)) hit a subnormal that XLA:CPU (jax 0.12) turns into NaN under jit, and argmax then chose it."""
+    pos = p_BV > 0
+    logits = jnp.where(pos, jnp.log(jnp.where(pos, p_BV, 1.0)), -jnp.inf)
+    return jax.random.categorical(key, logits, -1).astype(jnp.int32)
 
 
 @register("greedy")
