@@ -178,14 +178,11 @@ def check(a, model) -> dict:
 
 
 def main(a=None):
-    """``a``: an argv list for ``zaya generate`` (None: sys.argv), or a Namespace from the top-level parser."""
+    """``a``: an argv list for ``zaya generate`` (None: sys.argv), or a Namespace from the top-level parser (which
+    declares the same flags through ``add_arguments``)."""
     parser = build_parser()
     if a is None or isinstance(a, (list, tuple)):
         a = parser.parse_args(a)
-    else:  # a Namespace from a parser that may predate some flags: those take their defaults
-        for k, v in vars(parser.parse_args([a.model])).items():
-            if not hasattr(a, k):
-                setattr(a, k, v)
     model = load_model(a.model, a.dtype)
     try:
         kw = check(a, model)

@@ -162,12 +162,11 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     out, n = np.asarray(state.out), np.asarray(state.n)
     tokens = [out[b, : n[b]].tolist() for b in range(B)]
     forwards = int(state.forwards)
+    first = int(np.minimum(n, 1).sum())  # one token per row comes from the prefill's logits, for every sampler
     stats = {"sampler": sampler, "forwards": forwards, "steps": len(infos), "tokens": int(n.sum()),
              "seconds": t2 - t1, "prefill_seconds": prefill_s, "tokens_per_s": float(n.sum()) / max(t2 - t1, 1e-9),
-             # one token per row comes from the prefill's logits, for every sampler: tokens per forward counts the
-             # tokens the decode forwards produced (AR: exactly 1 at batch 1)
-             "prefill_tokens": int(np.minimum(n, 1).sum()),
-             "tokens_per_forward": float(n.sum() - np.minimum(n, 1).sum()) / max(forwards, 1) / B}
+             # tokens per forward counts the tokens the decode forwards produced (AR: exactly 1 at batch 1)
+             "prefill_tokens": first, "tokens_per_forward": float(n.sum() - first) / max(forwards, 1) / B}
     extra = getattr(mod, "summarize", None)
     if extra is not None:
         stats.update(extra(infos, opts))
