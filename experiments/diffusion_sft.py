@@ -3,6 +3,7 @@ diffusion loss (the data's loss_mask and the objective's prompt masking).
 
   zaya train --config experiments/diffusion_sft.py:tiny --config.init_from=runs/c/model --workdir runs/d
   full: SFT on prompt/response JSONL at 128k after context extension (budget ours: 20B tokens)
+  demo / demo_quick: step 3 of `zaya demo` (seq 128, block 16)
 """
 from zaya.train import recipe
 
@@ -24,8 +25,12 @@ def get_config(arg: str = "tiny"):
             c.data.jsonl_fields = ("prompt", "response")
         c.optim.update(lr=2e-5, warmup_steps=100, schedule="cosine")
         c.notes = "ZAYA1-8B-Diffusion-Preview phase 3: diffusion SFT (budget not published; ours)"
+    elif arg in ("demo", "demo_quick"):   # `zaya demo` step 3
+        c = recipe.demo_phase(1500, 2e-3, arg)
+        c.tidar.block_size = recipe.DEMO_BLOCK
+        c.data.update(source="tasks", sft=True, tasks_fraction=0.0, num_tasks=20000)
     else:
-        raise ValueError(f"diffusion_sft: unknown variant {arg!r}; use tiny or full")
+        raise ValueError(f"diffusion_sft: unknown variant {arg!r}; use tiny, full, demo or demo_quick")
     c.tidar.update(mode="tidar", alpha=1.0, prompt_masking=True)
     c.require_init = True
     return c

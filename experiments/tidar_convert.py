@@ -3,6 +3,7 @@ mask half), full masking, from (a)'s checkpoint.
 
   zaya train --config experiments/tidar_convert.py:tiny --config.init_from=runs/a/model --workdir runs/b
   full: ZAYA1-base -> 600B tokens at 32k context, block 16 (the published recipe)
+  demo / demo_quick: step 2 of `zaya demo` (seq 128, block 16) and, with tidar.mode=ar, its equal-compute control
 """
 from zaya.train import recipe
 
@@ -19,8 +20,12 @@ def get_config(arg: str = "tiny"):
         c.num_steps = recipe.steps_for(600e9, c.seq_len, c.batch_size)
         c.tidar.block_size = 16
         c.notes = "ZAYA1-8B-Diffusion-Preview phase 1: 600B tokens of TiDAR conversion at 32k"
+    elif arg in ("demo", "demo_quick"):   # `zaya demo` step 2 (and, with tidar.mode=ar, its equal-compute control)
+        c = recipe.demo_phase(700, 2e-3, arg)
+        c.tidar.block_size = recipe.DEMO_BLOCK
+        c.data.tasks_fraction = 0.5
     else:
-        raise ValueError(f"tidar_convert: unknown variant {arg!r}; use tiny or full")
+        raise ValueError(f"tidar_convert: unknown variant {arg!r}; use tiny, full, demo or demo_quick")
     c.tidar.update(mode="tidar", alpha=1.0)
     c.require_init = True
     return c

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import struct
 
-from test_tidar_layout import np_params, reference_layout
+from layout_reference import dense_mask, reference_layout
+from test_layouts import np_params
+from zaya import layouts
 from zaya.config import preset
 from zaya.model import attention as attn_lib
-from zaya.model import layout as layout_lib
 from zaya.model.transformer import Impl, apply
 from zaya.tidar.objective import (TidarOptions, ar_eval, build, diffusion_metrics, loss_fn, position_weights,
                                   token_ce)
@@ -19,8 +20,8 @@ from zaya.tidar.objective import (TidarOptions, ar_eval, build, diffusion_metric
 S = 16
 CASES = {  # one compiled loss per case, shared by the tests below
     "A": TidarOptions(block_size=4, alpha=0.5, position_gamma=0.7, prompt_masking=True),
-    "B": TidarOptions(block_size=4, anchor=True, alpha=2.0, block_start="document"),
-    "C": TidarOptions(block_size=2, anchor=True, block_causal=True, masking="random", mask_ratio=0.6,
+    "B": TidarOptions(block_size=4, anchor="token", alpha=2.0, block_start="document"),
+    "C": TidarOptions(block_size=2, anchor="token", block_causal=True, masking="random", mask_ratio=0.6,
                       doc_masking=False),
     "D": TidarOptions(block_size=4, block_start="document", prompt_masking=True),
     "E": TidarOptions(block_size=2, anchor="mask", anchor_loss=True, prompt_masking=True, position_gamma=0.5),
@@ -56,7 +57,7 @@ def batch_main(c):
 # The dense reference: an explicit [T, T] mask from the paper's rule, its own attention, a per-token loss loop.
 
 @struct.dataclass
-class _DenseLayout(layout_lib.Layout):
+class _DenseLayout(layouts.Layout):
     """pos/prev for RoPE and the convolutions, plus the explicit [B, T, T] mask the reference attention uses."""
     dense: jnp.ndarray = None
 
@@ -72,7 +73,7 @@ def _dense_attention(q, k, v, layout, cache_k, cache_v, cache_len):
 
 def _prev_from_dense(mask, pos):
     B, T = pos.shape
-    prev = np.full((B, T, 2), layout_lib.PREV_ZERO, np.int32)
+    prev = np.full((B, T, 2), layouts.PREV_ZERO, np.int32)
     for r in range(B):
         for t in range(T):
             for d in (1, 2):
@@ -178,7 +179,7 @@ def _check_against_reference(c, name, loss, m):
     opts, ref = CASES[name], references()[name]
     batch = batch_main(c)
     bt = _build(batch["tokens"], batch["doc_ids"], batch["loss_mask"], opts, c.mask_token_id, RNG)
-    np.testing.assert_array_equal(layout_lib.dense_mask(bt["layout"]), ref["mask"])  # never built by the objective
+    np.testing.assert_array_equal(dense_mask(bt["layout"]), ref["mask"])  # never built by the objective
     np.testing.assert_allclose(float(loss), ref["loss"], rtol=2e-5)
     np.testing.assert_allclose(float(m["loss"]), ref["loss"], rtol=2e-5)
     keys = ["ar_loss", "diff_loss", "n_ar_tokens", "n_diff_tokens", "diff_acc_per_pos", "diff_count_per_pos",
@@ -402,8 +403,8 @@ def test_options_are_validated(kw, field):
         TidarOptions(**kw)
 
 
-def test_anchor_option_reads_the_old_bool():
-    assert TidarOptions(anchor=True) == TidarOptions(anchor="token")
-    assert TidarOptions(anchor=False) == TidarOptions() and TidarOptions().anchor == "none"
-    assert TidarOptions(anchor=np.bool_(True)).anchor == "token"
-    assert TidarOptions(anchor="True").anchor == "token" and TidarOptions(anchor="false").anchor == "none"  # CLI
+def test_anchor_option_is_one_of_the_named_layouts():
+    assert TidarOptions().anchor == "none"
+    for bad in (True, False, "true"):  # the old bool field is gone: name the layout
+        with pytest.raises(ValueError, match="TidarOptions.anchor=.*'none', 'token', 'mask'"):
+            TidarOptions(anchor=bad)

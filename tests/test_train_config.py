@@ -53,10 +53,21 @@ def test_cli_reports_typo_and_exits(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "w")
 
 
-def test_parse_cli():
-    assert configs.parse_cli(["--config.a.b=1", "--config.c", "x=y"]) == [("a.b", "1"), ("c", "x=y")]
-    with pytest.raises(configs.ConfigOverrideError, match="unrecognized"):
-        configs.parse_cli(["--lr=1"])
+def test_command_line_overrides_go_through_config_flags():
+    """``zaya train``'s arguments: ``--config.k=v`` and ``--config.k v`` (absl syntax), typed by the field; a bool
+    takes ``=``; anything that is not an override is refused."""
+    c = configs.load(EXP["pretrain_ar"] + ":tiny", argv=["--config.optim.lr", "1e-4", "--config.log.progress=false",
+                                                          "--config.sharding_rules=(('batch', 'data'),)",
+                                                          "--config.tidar.position_gamma=0.5"])
+    assert c.optim.lr == 1e-4 and c.log.progress is False and c.sharding_rules == (("batch", "data"),)
+    assert c.tidar.position_gamma == 0.5 and configs.tidar_options(c).position_gamma == 0.5
+    assert configs.load(EXP["pretrain_ar"] + ":tiny").tidar.position_gamma is None  # placeholder: None by default
+    with pytest.raises(configs.ConfigOverrideError, match="unrecognized argument '--lr=1'"):
+        configs.load(EXP["pretrain_ar"] + ":tiny", argv=["--lr=1"])
+    with pytest.raises(configs.ConfigOverrideError, match="unrecognized argument 'false'.*bools take ="):
+        configs.load(EXP["pretrain_ar"] + ":tiny", argv=["--config.log.progress", "false"])
+    with pytest.raises(configs.ConfigOverrideError, match="num_steps=many"):
+        configs.load(EXP["pretrain_ar"] + ":tiny", argv=["--config.num_steps", "many"])
 
 
 def test_invalid_values_fail_validation():
@@ -170,3 +181,18 @@ def test_init_from_a_zaya_convert_output(tmp_path, fixtures_dir):
     with pytest.raises(ConfigError, match="another shape"):
         Run(_tiny("tidar_convert", "data.tasks_fraction=0.0", f"init_from={tmp_path / 'conv'}"),
             str(tmp_path / "w2")).initial_state()
+
+
+def test_ablate_cli_reports_a_config_error_in_one_line_and_exits_2(tmp_path, capsys):
+    from zaya.train import ablate
+    with pytest.raises(SystemExit) as e:
+        ablate.main(["--config", EXP["tidar_convert"] + ":tiny", "--sweep", "tidar.alpha=0.5,1,2",
+                     "--workdir", str(tmp_path / "abl")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "ConfigError" in err and "--config.init_from=" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "abl")
+    with pytest.raises(SystemExit) as e:  # a typo in an override given as --config.x=y, before any run
+        ablate.main(["--config", EXP["tidar_convert"] + ":tiny", "--sweep", "tidar.alpha=1,2", "--workdir",
+                     str(tmp_path / "abl"), "--config.init_from=/x", "--config.tidar.alpah=1"])
+    assert e.value.code == 2 and "Did you mean tidar.alpha" in capsys.readouterr().err

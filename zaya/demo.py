@@ -19,38 +19,24 @@ import time
 
 from zaya.train import recipe
 
-BLOCK = 16  # training block = decode block (anchor mask + K drafts)
-SFT_STEPS = 1500
+BLOCK = recipe.DEMO_BLOCK  # training block = decode block (anchor mask + K drafts)
 
 
-def _phase(steps: int, lr: float, quick: bool, **tidar):
-    """One tiny training phase at seq 128: ``steps`` steps, warmup min(30, steps/4), eval only at the end, three
-    checkpoints; ``tidar`` sets the objective's options."""
-    c = recipe.tiny_base(seq_len=128)
-    c.tidar.update(**tidar)
-    c.num_steps = steps
-    c.optim.update(lr=lr, warmup_steps=min(30, steps // 4))
-    c.eval.update(every_steps=0, num_batches=4)
-    c.checkpoint.update(every_steps=max(steps // 3, 10), keep=1)
-    if quick:
-        c.batch_size = 4
-    return c
+def configs(quick: bool, out: str = "zaya_demo"):
+    """(pretrain, convert, sft, control) configs: ``experiments/{pretrain_ar,tidar_convert,diffusion_sft}.py:demo``
+    (``demo_quick``: ``quick``, every phase shrunk for tests), each phase starting from the previous one's model in
+    ``out``.
 
-
-def configs(quick: bool):
-    """(pretrain, convert, sft, control) ml-collections configs; ``quick`` shrinks everything for tests.
-
-    control: the base trained on for as many steps as the conversion, same data and schedule, AR loss only: the
-    converted model's AR loss is compared with it too, so "no degradation" is not credited to the extra steps."""
-    steps_a, steps_b, steps_c = (30, 30, 30) if quick else (900, 700, SFT_STEPS)
-    a = _phase(steps_a, 3e-3, quick, mode="ar")
-    a.data.tasks_fraction = 0.5
-    b = _phase(steps_b, 2e-3, quick, mode="tidar", block_size=BLOCK, alpha=1.0)
-    b.data.tasks_fraction = 0.5
-    c = _phase(steps_c, 2e-3, quick, mode="tidar", block_size=BLOCK, alpha=1.0, prompt_masking=True)
-    c.data.update(source="tasks", sft=True, tasks_fraction=0.0, num_tasks=20000)
-    ctl = _phase(steps_b, 2e-3, quick, mode="ar")
-    ctl.data.tasks_fraction = 0.5
+    control: the conversion's config with the AR loss alone (``tidar.mode=ar``), started from the base: the base
+    trained on for as many steps as the conversion, same data and schedule, so "no degradation" is not credited to
+    the extra steps."""
+    from zaya.train.configs import load
+    variant = "demo_quick" if quick else "demo"
+    a = load(recipe.experiment("pretrain_ar", variant))
+    b = load(recipe.experiment("tidar_convert", variant), [f"init_from={os.path.join(out, 'base', 'model')}"])
+    c = load(recipe.experiment("diffusion_sft", variant), [f"init_from={os.path.join(out, 'tidar', 'model')}"])
+    ctl = load(recipe.experiment("tidar_convert", variant), [f"init_from={os.path.join(out, 'base', 'model')}",
+                                                             "tidar.mode=ar"])
     return a, b, c, ctl
 
 
@@ -59,18 +45,15 @@ def main(args):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     quick = bool(getattr(args, "quick", False))
-    cfg_a, cfg_b, cfg_c, cfg_ctl = configs(quick)
+    cfg_a, cfg_b, cfg_c, cfg_ctl = configs(quick, out)
     t0 = time.perf_counter()
     print(f"[demo] 1/5 AR pretraining ({cfg_a.num_steps} steps) -> {out}/base", flush=True)
     sa = train(cfg_a, os.path.join(out, "base"))
-    cfg_b.init_from = os.path.join(out, "base", "model")
     print(f"[demo] 2/5 TiDAR conversion ({cfg_b.num_steps} steps) -> {out}/tidar", flush=True)
     sb = train(cfg_b, os.path.join(out, "tidar"))
-    cfg_ctl.init_from = cfg_b.init_from
     print(f"[demo]     control: AR continuation of the base, same {cfg_ctl.num_steps} steps -> {out}/base_ar_cont",
           flush=True)
     train(cfg_ctl, os.path.join(out, "base_ar_cont"))
-    cfg_c.init_from = os.path.join(out, "tidar", "model")
     print(f"[demo] 3/5 diffusion SFT on tasks ({cfg_c.num_steps} steps) -> {out}/sft", flush=True)
     sc = train(cfg_c, os.path.join(out, "sft"))
     t_train = time.perf_counter() - t0

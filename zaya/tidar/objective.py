@@ -48,7 +48,7 @@ class TidarOptions:
     alpha           AR weight: loss = (alpha * CE_AR + CE_diff) / (1 + alpha)
     anchor          "none": blocks [mask x b]; "token": K+1 blocks [x_{kb-1}, mask x b] (Zyphra's two-forward
                     drafting); "mask": K+1 blocks [mask at kb-1, mask x b] (the serving layout's anchor mask at the
-                    bonus position). True / False are read as "token" / "none" (the old bool field)
+                    bonus position)
     anchor_loss     (anchor "mask") the anchor mask also predicts x_{kb-1}: its CE joins the diffusion mean with
                     weight 1 (off by default: Zyphra's serving discards slot 0)
     masking         "full": every diffusion token is a mask (TiDAR); "random": each is a mask with probability
@@ -90,11 +90,8 @@ class TidarOptions:
             bad("block_size", "a positive int")
         if not is_num(self.alpha) or not np.isfinite(self.alpha) or self.alpha < 0:
             bad("alpha", "a finite number >= 0")
-        if isinstance(self.anchor, (bool, np.bool_)) or str(self.anchor).lower() in ("true", "false"):
-            # the old bool field (a CLI override sends it as text): True was the token anchor
-            object.__setattr__(self, "anchor", "token" if str(self.anchor).lower() == "true" else "none")
         if not isinstance(self.anchor, str) or self.anchor not in ANCHORS:
-            bad("anchor", f"one of {ANCHORS} (or True / False for 'token' / 'none')")
+            bad("anchor", f"one of {ANCHORS}")
         for f in ("anchor_loss", "doc_masking", "prompt_masking", "block_causal"):
             if not isinstance(getattr(self, f), (bool, np.bool_)):
                 bad(f, "a bool")

@@ -1,12 +1,13 @@
 """Ablation runner: one experiment config, a grid (or list) of override sets, one comparison table and plots.
 
   python -m zaya.train.ablate --config experiments/tidar_convert.py:tiny --workdir DIR \
-      --sweep 'tidar.alpha=0.5,1,2' --sweep 'tidar.block_size=4,8' [--set num_steps=100 ...]
+      --sweep 'tidar.alpha=0.5,1,2' --sweep 'tidar.block_size=4,8' [--config.init_from=runs/a/model ...]
   python -m zaya.train.ablate --config ... --workdir DIR --run 'tidar.alpha=0.5 tidar.block_size=4' --run '...'
 
 ``--sweep`` axes form a Cartesian grid; ``--run`` gives explicit override sets (space separated ``key=value``);
-``--set`` applies to every run. Each run trains in DIR/<name> (so rerunning resumes or skips finished runs), then
-DIR/ablation.md, DIR/ablation.csv and DIR/ablation_<metric>.png compare them.
+``--set key=value`` and ``--config.key=value`` apply to every run. Each run trains in DIR/<name> (so rerunning
+resumes or skips finished runs), then DIR/ablation.md, DIR/ablation.csv and DIR/ablation_<metric>.png compare them.
+A bad config or override prints one line (what is wrong, how to fix it) and exits with status 2 before any run.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import sys
 
 from zaya.train import configs, plots
 
@@ -101,13 +103,15 @@ def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
     return md_path, csv_path
 
 
-def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=(), train_fn=None) -> list[dict]:
-    """Train every override set (configs checked before the first run starts) and write the comparison."""
+def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=(), train_fn=None,
+           argv=()) -> list[dict]:
+    """Train every override set (configs checked before the first run starts) and write the comparison.
+    ``common`` (key, value) pairs and ``argv`` (``--config.a.b=v`` arguments) apply to every run."""
     from zaya.train.loop import train
     train_fn = train_fn or train
     runs = []
     for ov in sets:
-        cfg = configs.load(spec, list(common) + list(ov))  # fail on a bad override before any training
+        cfg = configs.load(spec, list(common) + list(ov), argv)  # fail on a bad override before any training
         runs.append((run_name(ov), ov, cfg))
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
@@ -135,12 +139,17 @@ def main(argv=None):
     p.add_argument("--sweep", action="append", default=[], help="key=v1,v2,... (grid axis; repeatable)")
     p.add_argument("--run", action="append", default=[], help="'k1=v1 k2=v2' one explicit run (repeatable)")
     p.add_argument("--set", action="append", default=[], help="key=value applied to every run (repeatable)")
-    a = p.parse_args(argv)
+    a, rest = p.parse_known_args(argv)  # rest: --config.a.b=v overrides for every run, as `zaya train`'s
     if a.sweep and a.run:
         p.error("use either --sweep (grid) or --run (explicit sets), not both")
-    sets = [parse_run(r) for r in a.run] if a.run else grid(a.sweep)
-    common = [tuple(s.removeprefix("--config.").split("=", 1)) for s in a.set]
-    rows = ablate(a.config, a.workdir, sets, common)
+    from zaya.train.cli import startup_errors
+    try:
+        sets = [parse_run(r) for r in a.run] if a.run else grid(a.sweep)
+        common = [tuple(s.removeprefix("--config.").split("=", 1)) for s in a.set]
+        rows = ablate(a.config, a.workdir, sets, common, argv=rest)
+    except startup_errors() as e:  # one line saying what to change, no traceback (as `zaya train`)
+        print(f"{p.prog}: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     with open(os.path.join(a.workdir, "ablation.md")) as f:
         print(f.read())
     return rows

@@ -1,7 +1,7 @@
 """``zaya train --config experiments/X.py:variant --workdir DIR [--config.a.b=value ...]``.
 
-Loads the config file, applies the overrides (typed, locked: a typo fails with the closest field names), validates
-it and runs ``zaya.train.loop.train``. Running it again on the same workdir resumes from the latest checkpoint.
+Loads the config file, applies the overrides (``ml_collections.config_flags``: typed, locked, a typo fails with the
+closest field names), validates it and runs ``zaya.train.loop.train``. Running it again on the same workdir resumes from the latest checkpoint.
 Start-up errors (config, tokenizer/vocab, data, checkpoint mismatch) print one clear line and exit with status 2.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 import sys
 
 
-def _startup_errors() -> tuple:
+def startup_errors() -> tuple:
     from zaya.config import ConfigError
     from zaya.convert.safetensors_io import CheckpointError
     from zaya.data.sources import DataError
@@ -42,9 +42,9 @@ def main(args, rest) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     maybe_init_distributed()
     try:
-        cfg = configs.load(args.config, configs.parse_cli(list(rest)))
+        cfg = configs.load(args.config, argv=list(rest))
         summary = train(cfg, args.workdir)
-    except _startup_errors() as e:
+    except startup_errors() as e:
         print(f"zaya train: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     tps = summary.get("tokens_per_s")

@@ -4,19 +4,20 @@
   base() -> the ConfigDict every experiment starts from (all fields, typed defaults)
   validate(cfg) -> raises ConfigError naming the field for anything that would fail later
 
-Overrides are parsed by the type of the field they replace (bool: true/false/1/0; int; float; str; tuple/list:
-Python literal), as absl's ``config_flags`` does. The config is locked: an unknown key fails with the closest
+Overrides are ``ml_collections.config_flags``'s: each value is parsed by the type of the field it replaces (bool:
+true/false/1/0; int; float; str; tuple: Python literal). The config is locked: an unknown key fails with the closest
 existing names.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import importlib.util
 import os
 
 import ml_collections as mlc
+from absl import flags
+from ml_collections import config_flags
 
 from zaya.config import ConfigError, ZayaConfig, preset
 
@@ -39,8 +40,10 @@ def data_defaults() -> mlc.ConfigDict:
 
 
 def tidar_defaults() -> dict:
+    """TidarOptions' defaults; position_gamma (None) is a float placeholder so ``--config.tidar.position_gamma=0.9``
+    type-checks (config_flags cannot override a field whose only value so far is None)."""
     from zaya.tidar.objective import TidarOptions
-    return dataclasses.asdict(TidarOptions())
+    return {**dataclasses.asdict(TidarOptions()), "position_gamma": mlc.config_dict.placeholder(float)}
 
 
 def base() -> mlc.ConfigDict:
@@ -100,84 +103,49 @@ def _fields(d: mlc.ConfigDict, prefix: str = "") -> list[str]:
     return out
 
 
-def _parse(text: str, current, key: str):
-    if isinstance(current, bool):
-        low = text.strip().lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise ConfigOverrideError(f"--config.{key}={text!r}: expected a bool (true/false)")
-    if isinstance(current, str):
-        return text
-    try:
-        if isinstance(current, int):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if current is None:
-            return text
-        raise ConfigOverrideError(f"--config.{key}={text!r}: expected a {type(current).__name__} like "
-                                  f"{current!r}") from None
-    if isinstance(current, (tuple, list)):
-        if not isinstance(value, (tuple, list)):
-            value = (value,)
-        return type(current)(value)
-    return value
-
-
-def override(cfg: mlc.ConfigDict, key: str, text: str):
-    """Set ``cfg.<key>`` from the string ``text``, parsed by the field's current type."""
-    parts = key.split(".")
-    node = cfg
+def _check_key(cfg: mlc.ConfigDict, key: str):
+    """An override must name a leaf field: say which part is unknown (with the closest names) or a section."""
+    node, parts = cfg, key.split(".")
     for i, p in enumerate(parts):
         if not isinstance(node, mlc.ConfigDict) or p not in node:
-            known = _fields(cfg)
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(key, _fields(cfg), n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigOverrideError(f"--config.{key}: the config has no field {'.'.join(parts[:i + 1])!r}.{hint}")
-        if i < len(parts) - 1:
-            node = node[p]
-    current = node[parts[-1]]
-    if isinstance(current, mlc.ConfigDict):
-        raise ConfigOverrideError(f"--config.{key} is a section; set one of its fields ({', '.join(current.keys())})")
-    value = _parse(text, current, key)
-    try:
-        with node.unlocked():
-            node[parts[-1]] = value
-    except TypeError as e:
-        raise ConfigOverrideError(f"--config.{key}={text!r}: {e}") from None
+        node = node[p]
+    if isinstance(node, mlc.ConfigDict):
+        raise ConfigOverrideError(f"--config.{key} is a section; set one of its fields ({', '.join(node.keys())})")
 
 
-def parse_cli(rest: list[str]) -> list[tuple[str, str]]:
-    """``['--config.a.b=1', '--config.c', '2']`` -> ``[('a.b', '1'), ('c', '2')]``; anything else is an error."""
-    out, i = [], 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("--config."):
+def apply_overrides(cfg: mlc.ConfigDict, argv: list[str]) -> mlc.ConfigDict:
+    """Apply ``--config.a.b=value`` (or ``--config.a.b value``) command-line overrides to ``cfg`` in place, with
+    ``ml_collections.config_flags``: values are parsed by the type of the field they replace (bool: true/false/1/0;
+    tuples: a Python literal), and the config is locked, so a typo fails with the closest field names."""
+    for arg in argv:
+        if arg.startswith("--config."):
+            _check_key(cfg, arg[len("--config."):].split("=", 1)[0])
+        elif arg.startswith("--"):
             raise ConfigOverrideError(f"unrecognized argument {arg!r}; overrides look like --config.optim.lr=1e-3")
-        body = arg[len("--config."):]
-        if "=" in body:
-            k, v = body.split("=", 1)
-        else:
-            if i + 1 >= len(rest):
-                raise ConfigOverrideError(f"{arg} needs a value (--config.key=value)")
-            k, v = body, rest[i + 1]
-            i += 1
-        out.append((k, v))
-        i += 1
-    return out
+    argv = ["zaya", *argv]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", cfg, flag_values=fv, lock_config=True, sys_argv=argv)
+    try:
+        rest = fv(argv)[1:]
+    except flags.Error as e:
+        raise ConfigOverrideError(str(e)) from None
+    if rest:
+        raise ConfigOverrideError(f"unrecognized argument {rest[0]!r}; overrides look like --config.optim.lr=1e-3 "
+                                  "(bools take =: --config.log.progress=false)")
+    return cfg
 
 
-def load(spec: str, overrides=()) -> mlc.ConfigDict:
-    """Load ``path.py[:arg]``, apply overrides (``'a.b=v'`` strings or (key, value) pairs), lock, validate."""
+def load(spec: str, overrides=(), argv=()) -> mlc.ConfigDict:
+    """Load ``path.py[:arg]``, apply overrides, lock, validate.
+
+    overrides: ``'a.b=v'`` strings or ``(key, value)`` pairs (Python code, ``ablate``); argv: raw command-line
+    arguments (``['--config.a.b=v', ...]``, ``zaya train``). Both go through :func:`apply_overrides`."""
     cfg = load_file(spec)
-    cfg.lock()
-    for o in overrides:
-        k, v = (o.split("=", 1) if "=" in o else (o, "")) if isinstance(o, str) else o
-        override(cfg, k.removeprefix("--config."), v)
+    pairs = [(o.split("=", 1) + [""])[:2] if isinstance(o, str) else o for o in overrides]
+    apply_overrides(cfg, [f"--config.{k.removeprefix('--config.')}={v}" for k, v in pairs] + list(argv))
     validate(cfg)
     return cfg
 

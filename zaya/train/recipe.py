@@ -11,8 +11,23 @@ sized so each phase runs in minutes on 2 CPU cores.
 from __future__ import annotations
 
 import math
+import os
 
+from zaya.config import ConfigError
 from zaya.train import configs
+
+# The experiments/ folder of the checkout (`pip install -e .`): `zaya demo` runs its configs.
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "experiments")
+
+
+def experiment(name: str, variant: str) -> str:
+    """``'tidar_convert', 'demo'`` -> ``'<checkout>/experiments/tidar_convert.py:demo'`` (a ``configs.load`` spec)."""
+    path = os.path.join(EXPERIMENTS, name + ".py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"experiment config {path} not found: zaya's experiments/ folder sits next to the zaya "
+                          "package in a source checkout; install with `pip install -e .` from the checkout")
+    return f"{path}:{variant}"
 
 # ---- full size ------------------------------------------------------------------------------------------------
 FULL_DEVICES = 512                                   # 64 nodes x 8 GPUs
@@ -67,4 +82,26 @@ def tiny_base(seq_len: int = 64, rope_theta: float = 1e4):
     c.data.update(source="shakespeare", tasks_fraction=0.2, val_fraction=0.05, num_threads=1, prefetch=4)
     c.checkpoint.update(every_steps=50, keep=2)
     c.eval.update(every_steps=100, num_batches=4, batch_size=8)
+    return c
+
+
+# ---- the demo (`zaya demo`): three tiny phases at seq 128 -------------------------------------------------------
+DEMO_BLOCK = 16        # training block = decode block (anchor mask + K = 15 drafts)
+QUICK_STEPS = 30       # every phase of `zaya demo --quick` (tests)
+
+
+def demo_phase(steps: int, lr: float, variant: str):
+    """One phase of ``zaya demo`` (variant ``demo``) or of its test-sized run (``demo_quick``: QUICK_STEPS steps,
+    batch 4): seq 128, warmup min(30, steps/4), evaluation only at the end, three checkpoints, the latest kept."""
+    if variant not in ("demo", "demo_quick"):
+        raise ValueError(f"unknown demo variant {variant!r}; use demo or demo_quick")
+    quick = variant == "demo_quick"
+    steps = QUICK_STEPS if quick else steps
+    c = tiny_base(seq_len=128)
+    c.num_steps = steps
+    c.optim.update(lr=lr, warmup_steps=min(30, steps // 4))
+    c.eval.update(every_steps=0, num_batches=4)
+    c.checkpoint.update(every_steps=max(steps // 3, 10), keep=1)
+    if quick:
+        c.batch_size = 4
     return c
