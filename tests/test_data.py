@@ -61,6 +61,30 @@ def test_byte_tokenizer_layout():
     assert [a.tolist() for a in t.encode_batch(["ab", "", "é"])] == [t.encode("ab"), [], t.encode("é")]
 
 
+def test_byte_tokenizer_json_encodes_and_decodes_as_the_byte_tokenizer(tmp_path):
+    """The tokenizer.json a byte-tokenizer model folder carries: same ids for any text (all 256 byte values,
+    multi-byte UTF-8, whitespace runs), same special ids, same decoding (specials skipped)."""
+    from zaya.data.tokenizer import tokenizer_file
+    path = tokenizer_file("bytes", str(tmp_path))
+    assert path == str(tmp_path / "tokenizer.json")
+    t = load_tokenizer(path)
+    assert isinstance(t, HFTokenizer) and t.vocab_size == BYTES.vocab_size == 261
+    assert (t.pad_id, t.eos_id, t.bos_id, t.mask_id) == (BYTES.pad_id, BYTES.eos_id, BYTES.bos_id, BYTES.mask_id)
+    rng = np.random.default_rng(0)
+    every_byte = bytes(range(256)).decode("latin-1")
+    texts = ["12+35=", "  two  spaces\n\n\ttab ", "héllo wörld → 漢字 🎭", every_byte,
+             "".join(chr(c) for c in rng.integers(0, 0x3000, 300))]
+    for text in texts:
+        assert t.encode(text) == BYTES.encode(text), text
+        assert t.decode(BYTES.encode(text)) == text
+    assert t.decode([BYTES.bos_id, *BYTES.encode("ab"), BYTES.eos_id, BYTES.pad_id]) == "ab"
+    assert t.encode("a<mask>") == [BYTES.encode("a")[0], BYTES.mask_id]  # a literal special string: its id (HF)
+    with open(path) as f:  # a plain tokenizers file: the `zaya generate` CLI reads it with tokenizers directly
+        assert json.load(f)["model"]["type"] == "BPE"
+    assert tokenizer_file(str(tmp_path), str(tmp_path / "x")) == path  # a folder holding one
+    assert tokenizer_file(str(tmp_path / "none.json"), str(tmp_path)) is None
+
+
 @pytest.fixture
 def hf_tokenizer_json(tmp_path):
     path = tmp_path / "tok" / "tokenizer.json"

@@ -83,6 +83,23 @@ def test_exported_model_loads_and_exports(pretrained, tmp_path):
     assert os.path.exists(tmp_path / "hf" / "config.json")
 
 
+def test_trained_model_folder_carries_its_byte_tokenizer_so_text_prompts_work(pretrained, capsys):
+    """`zaya generate DIR/model --prompt "12+35="` on a model trained with the byte tokenizer: the folder's
+    tokenizer.json encodes the prompt as the training data was encoded (BOS + bytes) and decodes the output."""
+    from zaya.cli import main
+    from zaya.data.tokenizer import ByteTokenizer
+    wd, _ = pretrained
+    model = os.path.join(wd, "model")
+    assert os.path.isfile(os.path.join(model, "tokenizer.json"))
+    res = main(["generate", model, "--prompt", "12+35=", "--max-new-tokens", "3", "--no-eos"])
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("prompt "))
+    ids, text = line[len("prompt "):].split(" -> ", 1)
+    assert ids == str([2] + ByteTokenizer().encode("12+35="))
+    assert len(res.tokens[0]) == 3 and all(5 <= t < 261 for t in res.tokens[0])  # bytes, no specials
+    assert text == ByteTokenizer().decode(res.tokens[0])  # text, not ids
+
+
 def _train_cli(workdir, spec, overrides, cache, kill_env=None):
     """``zaya train`` in a subprocess; ``kill_env``: one of loop.py's / checkpoint.py's test kill hooks."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -20,7 +20,7 @@ def _export(a):
 
 def _generate(a):
     from zaya.decode.cli import main
-    main(a)
+    return main(a)
 
 
 def _bench(a):
@@ -30,12 +30,12 @@ def _bench(a):
 
 def _train(a, rest):
     from zaya.train.cli import main
-    main(a, rest)
+    return main(a, rest)
 
 
 def _demo(a):
     from zaya.demo import main
-    main(a)
+    return main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
 Every tokenizer exposes ``encode(str) -> list[int]`` (no special tokens added), ``decode(ids) -> str``,
 ``vocab_size`` and the special ids ``bos_id``, ``eos_id``, ``pad_id``, ``mask_id`` (``None`` where there is none).
+Model folders carry their tokenizer as an HF ``tokenizer.json``; the byte tokenizer has one too
+(:func:`byte_tokenizer_json`).
 """
 from __future__ import annotations
 
@@ -80,6 +82,46 @@ class ByteTokenizer:
 
     def __repr__(self):
         return "ByteTokenizer(vocab_size=261)"
+
+    def save(self, path: str) -> str:
+        """Write this tokenizer as an HF ``tokenizer.json`` (what model folders carry; see :func:`byte_tokenizer_json`).
+        Returns ``path``."""
+        with open(path, "w") as f:
+            f.write(byte_tokenizer_json())
+        return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of the ``tokenizers`` ByteLevel pre-tokenizer)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def byte_tokenizer_json() -> str:
+    """:class:`ByteTokenizer` as a ``tokenizers`` file: a byte-level BPE with no merges whose vocab is the five
+    specials (ids 0-4: ``<pad> <eos> <bos> <unused> <mask>``, special added tokens) and byte b -> id b + 5.
+
+    It encodes every text exactly as ``ByteTokenizer`` does, except that a literal special-token string in the text
+    (``"<mask>"``) becomes that special id, as in any HF tokenizer; decoding skips the specials by default."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    names = ["<pad>", "<eos>", "<bos>", "<unused>", "<mask>"]
+    vocab = {**{t: i for i, t in enumerate(names)},
+             **{ch: b + ByteTokenizer.NUM_SPECIAL for b, ch in _bytes_to_unicode().items()}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in names])
+    return tok.to_str(pretty=True)
+
+
+def tokenizer_file(spec: str, folder: str) -> str | None:
+    """The ``tokenizer.json`` a model folder should carry for the training config's ``tokenizer`` field: the file
+    itself (a path, or a folder holding it), or the byte tokenizer written into ``folder``. None: nothing to carry."""
+    if spec in ("bytes", "byte"):
+        return ByteTokenizer().save(os.path.join(folder, "tokenizer.json"))
+    path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+    return path if os.path.isfile(path) else None
 
 
 # Names tried, in order, when neither the caller nor tokenizer_config.json names a special token.

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 
 import jax
@@ -251,8 +252,9 @@ def _eval(run, state, eval_fn, batches, step, path, tb, lead) -> dict:
     return m
 
 
-def export_model(params, model_cfg: ZayaConfig, dst: str, tokenizer: str = ""):
-    """Final params (cast to the model dtype) as a zaya model folder (``zaya.load`` / ``zaya export`` read it)."""
+def export_model(params, model_cfg: ZayaConfig, dst: str, tokenizer: str = "bytes"):
+    """Final params (cast to the model dtype) as a zaya model folder (``zaya.load`` / ``zaya export`` read it), with
+    the run's tokenizer as tokenizer.json (``zaya generate DIR --prompt TEXT`` needs it)."""
     from zaya.convert import checkpoint as zc
     from zaya.model.params import cast
     params = cast(params, model_cfg)
@@ -262,5 +264,6 @@ def export_model(params, model_cfg: ZayaConfig, dst: str, tokenizer: str = ""):
         if jax.process_index() != 0:
             return
     params = jax.device_get(params)
-    tok = tokenizer if tokenizer and os.path.isfile(tokenizer) else None
-    zc.save(dst, params, model_cfg, tokenizer=tok, overwrite=True)
+    from zaya.data.tokenizer import tokenizer_file
+    with tempfile.TemporaryDirectory() as tmp:  # the folder carries its tokenizer (bytes: a tokenizer.json too)
+        zc.save(dst, params, model_cfg, tokenizer=tokenizer_file(tokenizer, tmp), overwrite=True)
