@@ -123,6 +123,25 @@ def test_cli_dispatch(monkeypatch, tmp_path, what):
     assert calls == want
 
 
+def test_compile_cache_is_scoped_to_the_command(monkeypatch, tmp_path):
+    """`zaya bench` uses jax's persistent cache while it runs and leaves jax.config as it found it (a benchmark run
+    from a notebook must not switch the process onto the on-disk cache)."""
+    import jax
+    seen = []
+    monkeypatch.setenv("ZAYA_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(decode, "run", lambda *a, **k: seen.append(jax.config.jax_compilation_cache_dir) or [])
+    before = [getattr(jax.config, k) for k in common._CACHE_OPTIONS]
+    cli.main(argparse.Namespace(what="decode", preset=None, out=None, size_gb=1.0, quick=True, compile_cache=True))
+    assert seen == [str(tmp_path / "cache")]
+    assert [getattr(jax.config, k) for k in common._CACHE_OPTIONS] == before
+    with pytest.raises(RuntimeError):  # restored on an error too
+        with common.compile_cache(str(tmp_path / "c2")) as path:
+            assert jax.config.jax_compilation_cache_dir == path == str(tmp_path / "c2")
+            assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
+            raise RuntimeError
+    assert [getattr(jax.config, k) for k in common._CACHE_OPTIONS] == before
+
+
 def test_cli_samplers_model_folder(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(samplers, "run", lambda *a, **k: calls.append((k.get("model_path"), k.get("preset"),

@@ -91,7 +91,8 @@ def main(a):
         raise SystemExit(f"zaya bench: unknown benchmark {a.what!r}; choose one of {sorted(COMMANDS)}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-    if getattr(a, "compile_cache", True):  # compile time is never timed; the cache only saves wall time on reruns
-        from zaya.bench.common import enable_compile_cache
-        enable_compile_cache()
-    return COMMANDS[a.what](a)
+    if not getattr(a, "compile_cache", True):
+        return COMMANDS[a.what](a)
+    from zaya.bench.common import compile_cache
+    with compile_cache():  # compile time is never timed; the cache only saves wall time on reruns
+        return COMMANDS[a.what](a)

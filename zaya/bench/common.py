@@ -5,6 +5,7 @@ GPU name, core count, jax version and backend) because numbers without the machi
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import json
@@ -68,19 +69,33 @@ def machine_markdown(m: dict | None = None) -> str:
             f"- date: {m['date']}\n")
 
 
-def enable_compile_cache(path: str | None = None) -> str:
-    """Turn on jax's persistent compilation cache (default: $ZAYA_BENCH_CACHE or /tmp/zaya_bench_xla_cache).
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+@contextlib.contextmanager
+def compile_cache(path: str | None = None):
+    """Use jax's persistent compilation cache inside the ``with`` block (default: $ZAYA_BENCH_CACHE or
+    /tmp/zaya_bench_xla_cache); the previous jax.config values are restored on exit, so a benchmark called from a
+    notebook or a test leaves the process's compilation settings as it found them.
 
     Benchmarks exclude compile time anyway; the cache only saves wall time across configurations that share a
     function (e.g. the samplers' prefill) and across runs. It never changes the executable that runs.
     """
     import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
     path = path or os.environ.get("ZAYA_BENCH_CACHE", "/tmp/zaya_bench_xla_cache")
     os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+    before = {k: getattr(jax.config, k) for k in _CACHE_OPTIONS}
+    for k, v in zip(_CACHE_OPTIONS, (path, 0.5, 0)):
+        jax.config.update(k, v)
+    cc.reset_cache()  # jax opens its cache once per process: make it re-read the settings, here and on exit
+    try:
+        yield path
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
 
 
 def bench_dtype() -> str:

@@ -263,8 +263,9 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
     ``batch``. ``eos_stop`` (default: on for task prompts) ends a row at EOS, i.e. at the end of the task's answer;
     off, every row decodes the full budget. ``loop``: zaya.generate's decode loop for every sampler, AR included
     ("host": one dispatch and sync per step; "device": one lax.while_loop, no per-step host overhead)."""
-    if compile_cache:
-        common.enable_compile_cache(None if compile_cache is True else compile_cache)
+    if compile_cache:  # scoped to this run (the CLI scopes it to the whole command)
+        with common.compile_cache(None if compile_cache is True else compile_cache):
+            return run(**{**locals(), "compile_cache": False})
     grid = grid or default_grid(quick, block_sizes, batches, acceptances, anchor)
     max_new_tokens = max_new_tokens or (12 if quick else 64)
     repeats = repeats or (1 if quick else 3)
