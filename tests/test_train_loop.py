@@ -100,16 +100,43 @@ def test_trained_model_folder_carries_its_byte_tokenizer_so_text_prompts_work(pr
     assert text == ByteTokenizer().decode(res.tokens[0])  # text, not ids
 
 
-def _train_cli(workdir, spec, overrides, cache, kill_env=None):
-    """``zaya train`` in a subprocess; ``kill_env``: one of loop.py's / checkpoint.py's test kill hooks."""
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
-    for k in ("ZAYA_TEST_KILL_AFTER_STEP", "ZAYA_TEST_KILL_IN_SAVE"):
-        env.pop(k, None)
-    env.update(kill_env or {})
+def _env(cache):
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
+
+
+def _train_cli(workdir, spec, overrides, cache):
+    """``zaya train`` in a subprocess."""
     cmd = [sys.executable, "-m", "zaya.cli", "train", "--config", spec, "--workdir", workdir,
            *[f"--config.{o}" for o in overrides]]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+# `train` with a fault injected through its callbacks: SIGKILL after step k (once its pending checkpoint saves are
+# committed, so the last checkpoint is step k's or the one before it), or inside step k's async save, before commit.
+_KILLED_RUN = """
+import os, signal, sys
+from zaya.train import configs
+from zaya.train.loop import train
+spec, workdir, where, k, *overrides = sys.argv[1:]
+k = int(k)
+
+def after_step(step, run):
+    if where == "after_step" and step == k:
+        run.ckpt.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def before_commit(step):
+    if where == "in_save" and step == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(configs.load(spec, overrides), workdir, after_step=after_step, before_commit=before_commit)
+"""
+
+
+def _train_killed(workdir, spec, overrides, cache, where, k):
+    cmd = [sys.executable, "-c", _KILLED_RUN, spec, workdir, where, str(k), *overrides]
+    return subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def _ckpt_dirs(workdir):
@@ -136,9 +163,8 @@ def converted(pretrained, tmp_path_factory):
     r = _train_cli(full, spec, ov, cache)
     assert r.returncode == 0, r.stderr[-3000:]
     seen = {}
-    kills = (("in_save_4", {"ZAYA_TEST_KILL_IN_SAVE": "4"}), ("after_5", {"ZAYA_TEST_KILL_AFTER_STEP": "5"}))
-    for phase, kill in kills:
-        r = _train_cli(killed, spec, ov, cache, kill)
+    for phase, where, k in (("in_save_4", "in_save", 4), ("after_5", "after_step", 5)):
+        r = _train_killed(killed, spec, ov, cache, where, k)
         assert r.returncode == -signal.SIGKILL, (phase, r.returncode, r.stderr[-3000:])
         assert not os.path.exists(os.path.join(killed, "model"))
         seen[phase] = (_ckpt_dirs(killed), _steps(killed))
@@ -186,18 +212,28 @@ def test_kill9_resume_reproduces_losses_from_converted_checkpoint(converted):
 
 
 def test_evaluate_model_against_base(pretrained, tmp_path):
+    """The trained model against a genuinely different base: the same architecture at its random initialisation
+    (a model folder of init params). The trained one is better, by the delta evaluate reports."""
+    import jax
+    import zaya
+    from zaya.convert import checkpoint as zc
+    from zaya.model.params import init as init_params
     from zaya.train import evaluate
     wd, _ = pretrained
+    cfg = zaya.load(os.path.join(wd, "model")).config
+    zc.save(str(tmp_path / "random"), jax.device_get(init_params(cfg, jax.random.key(1))), cfg)
     data = configs.data_defaults()
     # the eval shapes of the pretraining run (seq 64, batch 8): the AR eval is already compiled
-    res = evaluate.evaluate(os.path.join(wd, "model"), os.path.join(wd, "model"), data_cfg=data, seq_len=64,
+    res = evaluate.evaluate(os.path.join(wd, "model"), str(tmp_path / "random"), data_cfg=data, seq_len=64,
                             batch_size=8, max_batches=1, tidar={"block_size": 4}, num_tasks=3, max_new_tokens=4)
-    assert res["delta"]["ar_loss"] == pytest.approx(0.0, abs=1e-6)   # a model equals itself
-    assert len(res["model"]["diff_acc_per_pos"]) == 4
-    assert 0.0 <= res["model"]["task_em"] <= 1.0 and len(res["model"]["examples"]) == 3
-    assert res["model"]["ar_loss"] < np.log(264)
+    m, b = res["model"], res["base"]
+    assert m["ar_loss"] < np.log(264) - 1.0 < b["ar_loss"]   # trained vs near-uniform
+    assert res["delta"]["ar_loss"] == pytest.approx(m["ar_loss"] - b["ar_loss"]) and res["delta"]["ar_loss"] < -1.0
+    assert b["path"] == str(tmp_path / "random") and m["path"] == os.path.join(wd, "model")
+    assert len(m["diff_acc_per_pos"]) == 4 and len(b["diff_acc_per_pos"]) == 4
+    assert 0.0 <= m["task_em"] <= 1.0 and len(m["examples"]) == 3
     md = evaluate.to_markdown(res)
-    assert "AR val loss" in md and "per block position" in md
+    assert "AR val loss" in md and "per block position" in md and "| model | base |" in md
 
 
 def test_ablation_runner_writes_table_and_plots(tmp_path):

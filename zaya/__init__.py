@@ -1,8 +1,9 @@
 """zaya: ZAYA1 MoE in JAX, converted to a TiDAR block-diffusion model and decoded with block samplers."""
+from zaya import sharding  # zaya.sharding.make_mesh(...) after `import zaya` (README)
 from zaya.api import Model, load
 from zaya.config import ZayaConfig, from_hf_config, preset
 
-__all__ = ["Model", "ZayaConfig", "from_hf_config", "generate", "load", "preset"]
+__all__ = ["Model", "ZayaConfig", "from_hf_config", "generate", "load", "preset", "sharding"]
 
 
 def generate(*args, **kwargs):

@@ -127,11 +127,6 @@ def param_shardings(config: ZayaConfig, mesh: Mesh, rules: Rules | None = None) 
     return map_specs(lambda s: NamedSharding(mesh, logical_to_spec(s[1], rules, mesh, s[0])), param_specs(config))
 
 
-def param_partition_specs(config: ZayaConfig, mesh: Mesh, rules: Rules | None = None) -> dict:
-    """Like ``param_shardings`` but PartitionSpecs (for shard_map / logging)."""
-    return jax.tree.map(lambda s: s.spec, param_shardings(config, mesh, rules))
-
-
 def shard_params(params: dict, config: ZayaConfig, mesh: Mesh, rules: Rules | None = None) -> dict:
     """Place a param tree on ``mesh`` according to the rules (``jax.device_put``; no host round-trip)."""
     return jax.device_put(params, param_shardings(config, mesh, rules))
@@ -218,8 +213,3 @@ def sharded_forward_fn(config: ZayaConfig, mesh: Mesh, cache: Cache, rules: Rule
     return jax.jit(f, in_shardings=(param_shardings(config, mesh, rules), cs, NamedSharding(mesh, P(dp))),
                    out_shardings=(NamedSharding(mesh, P(dp)), cs), donate_argnums=(1,) if donate else ())
 
-
-def describe(tree) -> dict:
-    """Leaf path -> PartitionSpec string of a placed tree (debugging, logs)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): str(getattr(getattr(x, "sharding", None), "spec", None)) for p, x in flat}

@@ -10,13 +10,13 @@ import os
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from zaya.config import ConfigError, ZayaConfig, from_hf_config, is_legacy_config, to_hf_config
 from zaya.convert import names as N
 from zaya.convert.safetensors_io import (DTYPES, CheckpointError, dtype_name, read_tensor, scan_checkpoint,
                                         write_sharded)
 from zaya.model.params import param_dtype, param_specs
+from zaya.progress import tqdm
 
 _FLOAT = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
 

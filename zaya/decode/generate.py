@@ -12,11 +12,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from zaya.decode import ar, single_forward, tidar, two_forward
 from zaya.decode.state import State, prefill
 from zaya.model.cache import init_cache
+from zaya.progress import tqdm
 
 SAMPLERS = {"ar": ar, "two_forward": two_forward, "single_forward": single_forward, "tidar": tidar}
 

@@ -8,22 +8,20 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 the previous step as the latest one. Saves are async: the device->host copy happens before ``save`` returns (the
 train step may then donate the buffers), the writes run in the background.
 
-Test hook: with ``ZAYA_TEST_KILL_IN_SAVE=k`` the process SIGKILLs itself inside step k's async save, after its files
-are written to the temporary folder and before the rename that commits them (a ``kill -9`` while a save is in flight).
+Fault injection (tests): ``Checkpoints(..., before_commit=fn)`` calls ``fn(step)`` inside each async save, after its
+files are written to the temporary folder and before the rename that commits them; a test's ``fn`` can SIGKILL the
+process there (a ``kill -9`` while a save is in flight).
 """
 from __future__ import annotations
 
 import base64
 import os
-import signal
+from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 from zaya.config import ZayaConfig
-
-KILL_IN_SAVE_ENV = "ZAYA_TEST_KILL_IN_SAVE"
-
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that does not belong to this run's model / optimizer config."""
@@ -77,28 +75,29 @@ def check_meta(meta: dict, model_cfg: ZayaConfig, opt_state, where: str):
             "switched on/off). Resume with the original optim settings or use a fresh --workdir.")
 
 
-def _kill_in_save_class(step: int):
-    """Test hook: Orbax's local atomic-rename path, but SIGKILL instead of committing ``step`` (runs on the async
-    save's background thread once every item is written, so the main thread may be a few train steps further)."""
+def _before_commit_class(before_commit: Callable[[int], None]):
+    """Orbax's local atomic-rename path, calling ``before_commit(step)`` first (on the async save's background thread
+    once every item is written, so the main thread may be a few train steps further)."""
 
-    class KillBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    class CallBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
         async def finalize(self):
-            if self.get_final().name == str(step):
-                os.kill(os.getpid(), signal.SIGKILL)
+            name = self.get_final().name  # the step folder (its items, state/data/meta, are finalized too)
+            if name.isdigit():
+                before_commit(int(name))
             await super().finalize()
 
-    return KillBeforeCommit
+    return CallBeforeCommit
 
 
 class Checkpoints:
     """Thin wrapper over ``ocp.CheckpointManager`` for (state, data-iterator state, meta)."""
 
-    def __init__(self, directory: str, keep: int = 3, use_async: bool = True):
+    def __init__(self, directory: str, keep: int = 3, use_async: bool = True,
+                 before_commit: Callable[[int], None] | None = None):
         self.directory = os.path.abspath(directory)
-        kill_step = int(os.environ.get(KILL_IN_SAVE_ENV, "0") or 0)
+        tmp_class = _before_commit_class(before_commit) if before_commit else None
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=use_async,
-                                            cleanup_tmp_directories=True,
-                                            temporary_path_class=_kill_in_save_class(kill_step) if kill_step else None)
+                                            cleanup_tmp_directories=True, temporary_path_class=tmp_class)
         self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:

@@ -115,13 +115,3 @@ class TensorBoard:
         self.w.flush()
         self.w.close()
 
-
-def usage_summary(counts_LE) -> dict:
-    """Per-layer expert usage [L, E+1] (last column = MoD skip class) -> fractions and the skip rate."""
-    c = np.asarray(counts_LE, np.float64)
-    if c.ndim == 1:
-        c = c[None]
-    frac = c / np.maximum(c.sum(-1, keepdims=True), 1e-9)
-    return {"expert_frac": frac.tolist(), "skip_rate": float(frac[:, -1].mean()),
-            "skip_rate_per_layer": frac[:, -1].tolist(),
-            "max_expert_frac": float(frac[:, :-1].max()) if c.shape[1] > 1 else 0.0}

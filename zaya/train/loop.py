@@ -10,27 +10,26 @@ and step), so the loss trajectory equals an uninterrupted run. Start-up checks f
 config (``configs.validate``), the tokenizer against the model vocab, the corpus (empty -> error), ``init_from``
 shapes against the model config, and a resumed checkpoint against the model and optimizer config.
 
-Test hooks (``tests/test_train_loop.py``): with ``ZAYA_TEST_KILL_AFTER_STEP=k`` the process SIGKILLs itself right
-after step k (its metrics logged, pending checkpoint saves committed; k need not be a checkpoint step, so the steps
-since the last checkpoint are lost and replayed on resume); ``ZAYA_TEST_KILL_IN_SAVE=k`` (checkpoint.py) kills it
-while step k's async save is in flight.
+Fault injection (``tests/test_train_loop.py``) goes through two callbacks of ``train``: ``after_step(step, run)``
+runs after each step (its metrics logged, its checkpoint save issued), ``before_commit(step)`` inside each async
+checkpoint save before it is committed (``checkpoint.Checkpoints``); a test's callback SIGKILLs the process there.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import signal
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from zaya.config import ConfigError, ZayaConfig
 from zaya.model.params import init as init_params, param_shapes
 from zaya.model.transformer import Impl
+from zaya.progress import tqdm
 from zaya.train import configs, evaluate, logs, plots
 from zaya.train import state as st
 from zaya.train.checkpoint import Checkpoints, check_meta, make_meta
@@ -38,7 +37,6 @@ from zaya.train.optim import make_optimizer
 from zaya.train.step import batch_axes, jit_options, make_train_step, put_batch
 
 log = logging.getLogger("zaya.train")
-KILL_ENV = "ZAYA_TEST_KILL_AFTER_STEP"
 
 
 def make_mesh(cfg):
@@ -103,7 +101,7 @@ def next_batch(it, step: int, num_steps: int):
 class Run:
     """The pieces of one run, built and checked before any training compute."""
 
-    def __init__(self, cfg, workdir: str, loss_fn=None):
+    def __init__(self, cfg, workdir: str, loss_fn=None, before_commit: Callable[[int], None] | None = None):
         configs.validate(cfg)
         self.cfg, self.workdir = cfg, os.path.abspath(workdir)
         self.model_cfg = configs.model_from(cfg)
@@ -125,7 +123,7 @@ class Run:
                                        balance_rate=float(cfg.optim.router_balance_rate),
                                        fast_compile=bool(cfg.impl.fast_compile))
         self.ckpt = Checkpoints(os.path.join(self.workdir, "checkpoints"), cfg.checkpoint.keep,
-                                cfg.checkpoint.use_async)
+                                cfg.checkpoint.use_async, before_commit)
 
     def initial_state(self) -> tuple[st.TrainState, int]:
         """(state, start step): restored from the latest checkpoint, or fresh (random or ``init_from``)."""
@@ -157,10 +155,14 @@ def _jsonable_cfg(cfg) -> str:
     return cfg.to_json(indent=2)
 
 
-def train(cfg, workdir: str, loss_fn=None) -> dict:
-    """Run (or resume) the experiment ``cfg`` in ``workdir``; returns the summary dict (also summary.json)."""
+def train(cfg, workdir: str, loss_fn=None, after_step: Callable[[int, Run], None] | None = None,
+          before_commit: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) the experiment ``cfg`` in ``workdir``; returns the summary dict (also summary.json).
+
+    after_step(step, run): called after every step (metrics logged, checkpoint save issued); before_commit(step):
+    called inside each async checkpoint save before its commit. Both exist for fault injection in tests."""
     os.makedirs(workdir, exist_ok=True)
-    run = Run(cfg, workdir, loss_fn)
+    run = Run(cfg, workdir, loss_fn, before_commit)
     lead = jax.process_index() == 0
     state, start = run.initial_state()
     paths = {k: os.path.join(run.workdir, f) for k, f in
@@ -174,7 +176,6 @@ def train(cfg, workdir: str, loss_fn=None) -> dict:
     tb = logs.TensorBoard(os.path.join(run.workdir, "tb"), start) if lead and cfg.log.tensorboard else None
     eval_batches = evaluate.eval_batches(cfg, run.tok)
     eval_fn = evaluate.make_eval_fn(run.model_cfg, run.opts, run.impl, run.loss_fn, bool(cfg.impl.fast_compile))
-    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=cfg.num_steps, initial=start, desc=f"train {os.path.basename(run.workdir)}", unit="step",
                disable=not (lead and cfg.log.progress), dynamic_ncols=True)
@@ -205,11 +206,8 @@ def train(cfg, workdir: str, loss_fn=None) -> dict:
             run.ckpt.save(step, state.as_dict(), run.train_iter.get_state(), run.meta(step, state))
             if tb:  # else a kill -9 loses the buffered events (flushed every 2 min) up to this checkpoint for good
                 tb.flush()
-        if step == kill_at:
-            run.ckpt.wait()  # deterministic for the test: the last checkpoint is step k's, or the one before it
-            if jl:
-                jl.close()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if after_step:
+            after_step(step, run)
     bar.close()
     run.ckpt.close()
     done = [r for r in logs.read_jsonl(paths["eval"]) if r.get("step") == step] if start == step else []
