@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from layout_reference import dense_mask
+from zaya.layouts import PREV_ZERO, Layout, causal, packed
 from zaya.model import attention
-from zaya.model.layout import PREV_ZERO, Layout, causal, dense_mask, packed
 
 
 def _qkv(key, B, T, H=4, K=2, d=8):
@@ -108,7 +109,7 @@ def test_tidar_loss_and_grad_chunked_equal_reference(monkeypatch):
     """A TiDAR training loss and its gradient (tiny model, [clean | masks] layout, two documents in a row) are the
     same with chunked attention (5-key tiles: several tiles, a padded last one, remat in the scan) as with the
     dense reference."""
-    from test_tidar_layout import np_params
+    from test_layouts import np_params
     from zaya.config import preset
     from zaya.model.transformer import Impl
     from zaya.tidar.objective import TidarOptions, loss_fn

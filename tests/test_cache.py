@@ -6,7 +6,7 @@ import pytest
 
 from conftest import randomize
 from zaya.config import preset
-from zaya.model import layout as layout_lib
+from zaya import layouts
 from zaya.model.cache import commit, init_cache, rollback
 from zaya.model.params import init
 from zaya.model.transformer import Impl, apply, forward
@@ -19,7 +19,7 @@ def model():
 
 
 def _full(c, p, x):
-    return apply(p, c, x, layout_lib.causal(*x.shape))[0]
+    return apply(p, c, x, layouts.causal(*x.shape))[0]
 
 
 @pytest.mark.parametrize("attn", ["reference", "chunked"])
@@ -30,10 +30,10 @@ def test_prefill_then_steps_equal_full_forward(model, attn):
     full = _full(c, p, x)
     lens = jnp.array([5, 9])  # different prompt lengths in one batch (right padded)
     cache = init_cache(c, 2, 32)
-    logits, cache = forward(p, c, x[:, :9], layout_lib.causal(2, 9, valid=lens), cache, n_commit=lens, impl=impl)
+    logits, cache = forward(p, c, x[:, :9], layouts.causal(2, 9, valid=lens), cache, n_commit=lens, impl=impl)
     for b in range(2):
         np.testing.assert_allclose(logits[b, : lens[b]], full[b, : lens[b]], atol=2e-5)
-    step = jax.jit(lambda cache, tok: forward(p, c, tok, layout_lib.causal(2, 1, start=cache.length), cache, impl=impl))
+    step = jax.jit(lambda cache, tok: forward(p, c, tok, layouts.causal(2, 1, start=cache.length), cache, impl=impl))
     for _ in range(4):
         tok = jnp.take_along_axis(x, cache.length[:, None], 1)
         logit, cache = step(cache, tok)
@@ -49,11 +49,11 @@ def test_rollback_and_continue(model, window, to):
     junk = jax.random.randint(jax.random.PRNGKey(4), (1, 5), 5, c.vocab_size)
     full = _full(c, p, x)
     cache = init_cache(c, 1, 24, window=window)
-    _, cache = forward(p, c, x[:, :8], layout_lib.causal(1, 8), cache)
-    _, cache = forward(p, c, junk, layout_lib.causal(1, 5, start=8), cache)
+    _, cache = forward(p, c, x[:, :8], layouts.causal(1, 8), cache)
+    _, cache = forward(p, c, junk, layouts.causal(1, 5, start=8), cache)
     assert int(cache.length[0]) == 13
     cache = rollback(cache, to)
-    logits, cache = forward(p, c, x[:, to:12], layout_lib.causal(1, 12 - to, start=to), cache)
+    logits, cache = forward(p, c, x[:, to:12], layouts.causal(1, 12 - to, start=to), cache)
     np.testing.assert_allclose(logits[0], full[0, to:12], atol=2e-5)
 
 
@@ -62,12 +62,12 @@ def test_commit_keeps_only_first_n(model):
     c, p = model
     x = jax.random.randint(jax.random.PRNGKey(5), (2, 10), 5, c.vocab_size)
     cache = init_cache(c, 2, 16)
-    _, chunk, _ = apply(p, c, x, layout_lib.causal(2, 10), cache)
+    _, chunk, _ = apply(p, c, x, layouts.causal(2, 10), cache)
     n = jnp.array([4, 7])
     got = commit(cache, chunk, n)
     for b in range(2):
         fresh = init_cache(c, 1, 16)
-        _, fresh = forward(p, c, x[b:b + 1, : int(n[b])], layout_lib.causal(1, int(n[b])), fresh)
+        _, fresh = forward(p, c, x[b:b + 1, : int(n[b])], layouts.causal(1, int(n[b])), fresh)
         L = int(n[b])
         np.testing.assert_array_equal(got.length[b], L)
         for name in ("k", "v"):

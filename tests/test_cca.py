@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from conftest import randomize
+from layout_reference import prev_from_mask
+from zaya import layouts
 from zaya.config import preset
-from zaya.model import layout as layout_lib
 from zaya.model.cache import commit, init_cache
 from zaya.model.params import init
 from zaya.model.transformer import apply
-from zaya.tidar import layout as tl
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,10 @@ def model():
 def test_prev_matches_visible_token_definition():
     """The builders' conv predecessors are 'the visible token at pos-1 / pos-2' (layout doc), incl. documents."""
     doc = np.array([[0] * 5 + [1] * 9 + [2] * 2, [0] * 16])
-    lay = tl.training(doc, block=4)
-    np.testing.assert_array_equal(np.asarray(lay.prev), layout_lib.prev_from_mask(lay, has_cache=False))
-    lay = layout_lib.packed(doc)
-    np.testing.assert_array_equal(np.asarray(lay.prev), layout_lib.prev_from_mask(lay, has_cache=False))
+    lay = layouts.training(doc, block=4)
+    np.testing.assert_array_equal(np.asarray(lay.prev), prev_from_mask(lay, has_cache=False))
+    lay = layouts.packed(doc)
+    np.testing.assert_array_equal(np.asarray(lay.prev), prev_from_mask(lay, has_cache=False))
 
 
 def test_block_sees_clean_conv_state_and_leaves_clean_untouched(model):
@@ -34,17 +34,17 @@ def test_block_sees_clean_conv_state_and_leaves_clean_untouched(model):
     S, b = 12, 4
     x = jax.random.randint(jax.random.PRNGKey(2), (1, S), 5, c.vocab_size)
     masks = jnp.full((1, S), c.mask_token_id)
-    lay = tl.training(np.zeros((1, S), int), b)
+    lay = layouts.training(np.zeros((1, S), int), b)
     logits_train = apply(p, c, jnp.concatenate([x, masks], 1), lay)[0]
-    clean_only = apply(p, c, x, layout_lib.causal(1, S))[0]
+    clean_only = apply(p, c, x, layouts.causal(1, S))[0]
     # the clean half is exactly an AR LM: masks never alter clean tokens' states
     np.testing.assert_allclose(np.asarray(logits_train[:, :S]), np.asarray(clean_only), atol=2e-5)
     for k in range(1, S // b):
         L = k * b
         cache = init_cache(c, 1, S + b)
-        _, chunk, _ = apply(p, c, x[:, :L], layout_lib.causal(1, L), cache)
+        _, chunk, _ = apply(p, c, x[:, :L], layouts.causal(1, L), cache)
         cache = commit(cache, chunk, L)
-        draft = apply(p, c, masks[:, :b], tl.draft_block(jnp.array([L]), b), cache)[0]
+        draft = apply(p, c, masks[:, :b], layouts.draft_block(jnp.array([L]), b), cache)[0]
         np.testing.assert_allclose(np.asarray(draft), np.asarray(logits_train[:, S + L:S + L + b]), atol=2e-5)
 
 
@@ -53,8 +53,8 @@ def test_packed_documents_do_not_leak(model):
     c, p = model
     a = jax.random.randint(jax.random.PRNGKey(3), (1, 7), 5, c.vocab_size)
     d = jax.random.randint(jax.random.PRNGKey(4), (1, 9), 5, c.vocab_size)
-    both = apply(p, c, jnp.concatenate([a, d], 1), layout_lib.packed(np.array([[0] * 7 + [1] * 9])))[0]
-    alone = apply(p, c, d, layout_lib.causal(1, 9))[0]
+    both = apply(p, c, jnp.concatenate([a, d], 1), layouts.packed(np.array([[0] * 7 + [1] * 9])))[0]
+    alone = apply(p, c, d, layouts.causal(1, 9))[0]
     np.testing.assert_allclose(np.asarray(both[:, 7:]), np.asarray(alone), atol=2e-5)
 
 
@@ -65,7 +65,7 @@ def test_training_layout_with_documents_matches_separate_sequences(model):
     x = jax.random.randint(jax.random.PRNGKey(5), (1, S), 5, c.vocab_size)
     doc = np.array([[0] * 6 + [1] * 10])
     masks = jnp.full((1, S), c.mask_token_id)
-    packed_logits = apply(p, c, jnp.concatenate([x, masks], 1), tl.training(doc, b))[0]
-    first = apply(p, c, jnp.concatenate([x[:, :6], masks[:, :6]], 1), tl.training(np.zeros((1, 6), int), b))[0]
+    packed_logits = apply(p, c, jnp.concatenate([x, masks], 1), layouts.training(doc, b))[0]
+    first = apply(p, c, jnp.concatenate([x[:, :6], masks[:, :6]], 1), layouts.training(np.zeros((1, 6), int), b))[0]
     np.testing.assert_allclose(np.asarray(packed_logits[:, :6]), np.asarray(first[:, :6]), atol=2e-5)
     np.testing.assert_allclose(np.asarray(packed_logits[:, S:S + 4]), np.asarray(first[:, 6:10]), atol=2e-5)

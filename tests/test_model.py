@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import zaya
-from zaya.model import layout as layout_lib
+from zaya import layouts
 from zaya.model import transformer
 from zaya.model.params import cast, init
 
@@ -29,14 +29,14 @@ def test_fixture_hidden_states(fixtures_dir):
     m = zaya.load(d)
     ids = jnp.asarray(np.load(f"{d}/input_ids.npy"))
     hs = np.load(f"{d}/hidden_states.npz")
-    h, _, _ = transformer.hidden(m.params, m.config, ids, layout_lib.causal(*ids.shape))
+    h, _, _ = transformer.hidden(m.params, m.config, ids, layouts.causal(*ids.shape))
     assert np.abs(np.asarray(h) - hs["h3"]).max() < 1e-4
 
 
 def test_jit_equals_eager(fixtures_dir):
     m = zaya.load(os.path.join(fixtures_dir, "native"))
     ids = jnp.asarray(np.load(os.path.join(fixtures_dir, "native", "input_ids.npy")))
-    lay = layout_lib.causal(*ids.shape)
+    lay = layouts.causal(*ids.shape)
     with jax.disable_jit():
         eager = transformer.apply(m.params, m.config, ids, lay)[0]
     jitted = jax.jit(lambda p, t: transformer.apply(p, m.config, t, lay)[0])(m.params, ids)
@@ -65,7 +65,7 @@ def test_init_shapes_and_dtypes():
     assert p["layers"]["router"]["bias"].dtype == jnp.float32  # balancing biases stay fp32
     assert float(p["layers"]["router"]["bias"][0, -1]) == -1.0
     ids = jnp.ones((2, 5), jnp.int32)
-    logits = transformer.apply(p, c, ids, layout_lib.causal(2, 5))[0]
+    logits = transformer.apply(p, c, ids, layouts.causal(2, 5))[0]
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
     assert cast(p, c.replace(dtype="float32"))["layers"]["q"].dtype == jnp.float32
 
@@ -92,7 +92,7 @@ def test_bf16_matmuls_take_bf16_operands(attention):
     c = zaya.preset("tiny", dtype="bfloat16")
     params = jax.eval_shape(lambda: init(c, jax.random.PRNGKey(0)))
     impl = transformer.Impl(attention=attention)
-    f = lambda p, t: transformer.apply(p, c, t, layout_lib.causal(2, 8), impl=impl)[0]
+    f = lambda p, t: transformer.apply(p, c, t, layouts.causal(2, 8), impl=impl)[0]
     dots = _dots(jax.make_jaxpr(f)(params, jnp.zeros((2, 8), jnp.int32)).jaxpr, [])
     conv_w = (c.num_q_heads + c.num_kv_heads, c.head_dim, c.head_dim)
     assert len(dots) >= 12 and all(out == "float32" for _, out, _ in dots)

@@ -7,11 +7,11 @@ from scipy import stats as sps
 
 import zaya
 from conftest import randomize
+from zaya import layouts
 from zaya.api import Model
 from zaya.decode import single_forward, tidar, two_forward
 from zaya.decode.generate import generate
 from zaya.decode.state import prefill
-from zaya.model import layout as layout_lib
 from zaya.model.cache import init_cache
 from zaya.model.params import init
 from zaya.model.transformer import Impl, apply
@@ -113,7 +113,7 @@ def _assert_cache_is_fresh_prefill(model, st, rows, pending):
     tokens (one padded shape: the causal prefix does not see the padding)."""
     c = model.config
     if id(model) not in _FRESH:
-        _FRESH[id(model)] = jax.jit(lambda p, s: apply(p, c, s, layout_lib.causal(1, s.shape[1]),
+        _FRESH[id(model)] = jax.jit(lambda p, s: apply(p, c, s, layouts.causal(1, s.shape[1]),
                                                        init_cache(c, 1, 128))[1])
     for b, r in enumerate(rows):
         n = int(st.n[b]) - (1 if pending else 0)  # the pending token is in `out` but not yet in the cache
@@ -226,9 +226,7 @@ def test_single_forward_and_tidar_proposals_equal_separate_drafting_forwards(mod
     """In the one combined forward, proposal j (level l_j) gives the logits of a drafting forward [mask x (K+1)]
     after committing verify[:l_j + 1]; TiDAR's set k those of [mask x b] after committing D[:k]; the verify / D part
     gives the plain causal logits. Random verify tokens (any drafts), rows of different cache lengths."""
-    from zaya.decode import layouts
     from zaya.model.cache import commit
-    from zaya.tidar.layout import draft_block
     c, impl, K = model.config, Impl(), 4
     st = _prefilled(model, ROWS)
     v = jax.random.randint(jax.random.PRNGKey(3), (len(ROWS), K + 1), 5, c.vocab_size)
@@ -244,9 +242,9 @@ def test_single_forward_and_tidar_proposals_equal_separate_drafting_forwards(mod
             return apply(p, c, mask(width), layout(after.length), after, impl)[0]
         z_sf = apply(p, c, jnp.concatenate([v, mask(W * W)], 1), layouts.single_forward(L, K, tuple(range(W))), cache,
                      impl)[0]
-        sf = [drafting(lvl + 1, W, lambda L: layouts.draft(L, K)) for lvl in range(W)]
+        sf = [drafting(lvl + 1, W, lambda L: layouts.draft_anchored(L, K)) for lvl in range(W)]
         z_td = apply(p, c, jnp.concatenate([v[:, :K], mask(K * K)], 1), layouts.tidar_published(L, K), cache, impl)[0]
-        td = [drafting(k, K, lambda L: draft_block(L, K)) for k in range(1, K + 1)]
+        td = [drafting(k, K, lambda L: layouts.draft_block(L, K)) for k in range(1, K + 1)]
         return z_v, z_sf, sf, z_td, td
 
     z_v, z_sf, sf, z_td, td = run(model.params, st.cache)

@@ -9,9 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from zaya import config as config_lib
+from zaya import layouts
 from zaya import sharding
 from zaya.model import Impl, apply, forward, init, init_cache
-from zaya.model import layout as layout_lib
 
 CFG = config_lib.preset("tiny", num_experts=8)  # E=8 splits over expert=4; H*d=64, K*d=32, D=64, F=32, V=512
 B, T = 8, 8
@@ -48,7 +48,7 @@ def tokens():
 @pytest.fixture(scope="module")
 def reference(params, tokens):
     """Single-device logits per MoE impl (plain jit, no sharding code involved)."""
-    f = lambda impl: jax.jit(lambda p, t: apply(p, CFG, t, layout_lib.causal(B, T), None, Impl(moe=impl))[0])
+    f = lambda impl: jax.jit(lambda p, t: apply(p, CFG, t, layouts.causal(B, T), None, Impl(moe=impl))[0])
     return {impl: np.asarray(_compiled(f(impl), params, tokens)(params, tokens)) for impl in ("ragged", "dense")}
 
 

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zaya import layouts
 from zaya.config import ZayaConfig
 from zaya.convert import checkpoint as ckpt
 from zaya.convert.hf import load_hf
-from zaya.model import layout as layout_lib
 from zaya.model.params import cast
 from zaya.model.transformer import Impl, apply
 
@@ -54,7 +54,7 @@ def _logits_fn(cfg: ZayaConfig, impl: Impl):
     @jax.jit
     def f(params, tokens):
         B, T = tokens.shape
-        return apply(params, cfg, tokens, layout_lib.causal(B, T), None, impl)[0]
+        return apply(params, cfg, tokens, layouts.causal(B, T), None, impl)[0]
     return f
 
 

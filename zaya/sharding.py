@@ -37,9 +37,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from zaya import layouts
 from zaya.config import ZayaConfig
 from zaya.conventions import MESH_AXES
-from zaya.model import layout as layout_lib
 from zaya.model.cache import Cache
 from zaya.model.params import map_specs, param_specs
 from zaya.model.transformer import Impl, apply, forward
@@ -169,7 +169,7 @@ def sharded_logits_fn(config: ZayaConfig, mesh: Mesh, rules: Rules | None = None
 
     def local(params, tokens_BT):
         B, T = tokens_BT.shape
-        return apply(params, config, tokens_BT, layout_lib.causal(B, T), None, impl)[0]
+        return apply(params, config, tokens_BT, layouts.causal(B, T), None, impl)[0]
     f = _per_batch_shard(local, mesh, dp, (P(), P(dp)), P(dp))
     return jax.jit(f, in_shardings=(param_shardings(config, mesh, rules), NamedSharding(mesh, P(dp))),
                    out_shardings=NamedSharding(mesh, P(dp)))
@@ -207,7 +207,7 @@ def sharded_forward_fn(config: ZayaConfig, mesh: Mesh, cache: Cache, rules: Rule
     rows = Cache(**{n: P(*(None,) * (a.index("batch")), dp) for n, a in _CACHE_AXES.items()})
 
     def local(params, cache, tokens_BT):
-        layout = layout_lib.causal(tokens_BT.shape[0], tokens_BT.shape[1], start=cache.length)
+        layout = layouts.causal(tokens_BT.shape[0], tokens_BT.shape[1], start=cache.length)
         return forward(params, config, tokens_BT, layout, cache, None, impl)
     f = _per_batch_shard(local, mesh, dp, (P(), rows, P(dp)), (P(dp), rows))
     return jax.jit(f, in_shardings=(param_shardings(config, mesh, rules), cs, NamedSharding(mesh, P(dp))),

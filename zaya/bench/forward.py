@@ -25,20 +25,20 @@ DEFAULT_CACHE = {"tiny": 224, "small-100m": 1024}  # tiny: C + 272 stays within 
 
 @functools.lru_cache(maxsize=8)
 def _apply_fn(cfg, with_cache: bool):
-    from zaya.model import layout as layout_lib
+    from zaya import layouts
     from zaya.model.transformer import apply
 
     if with_cache:
         @jax.jit
         def f(params, tokens, cache):
             B, T = tokens.shape
-            logits, chunk, _ = apply(params, cfg, tokens, layout_lib.causal(B, T, start=cache.length), cache)
+            logits, chunk, _ = apply(params, cfg, tokens, layouts.causal(B, T, start=cache.length), cache)
             return logits, chunk
     else:
         @jax.jit
         def f(params, tokens):
             B, T = tokens.shape
-            return apply(params, cfg, tokens, layout_lib.causal(B, T))[0]
+            return apply(params, cfg, tokens, layouts.causal(B, T))[0]
     return f
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zaya import layouts
 from zaya.config import ZayaConfig
 from zaya.decode.sampling import sample
 from zaya.decode.state import State, append
-from zaya.model import layout as layout_lib
 from zaya.model.cache import commit
 from zaya.model.transformer import Impl, apply
 
@@ -23,7 +23,7 @@ def step(params, c: ZayaConfig, impl: Impl, opts: dict, state: State) -> tuple[S
     B = tok.shape[0]
 
     def forward(state):
-        lay = layout_lib.causal(B, 1, start=state.cache.length)
+        lay = layouts.causal(B, 1, start=state.cache.length)
         logits, chunk, _ = apply(params, c, tok[:, None], lay, state.cache, impl)
         cache = commit(state.cache, chunk, kept)
         return state.replace(cache=cache, logits=logits[:, 0], forwards=state.forwards + 1)

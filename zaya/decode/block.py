@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zaya import layouts
 from zaya.decode import acceptance
-from zaya.decode import layouts
 from zaya.decode.sampling import sample
 from zaya.decode.state import State, append, prefill_with_block
 from zaya.model.transformer import apply
@@ -47,7 +47,7 @@ def draft_after(params, c, impl, o, state: State, key) -> State:
     B = state.n.shape[0]
     first = state.pending if o["anchor"] == "token" else jnp.full((B,), c.mask_token_id, jnp.int32)
     tokens = jnp.concatenate([first[:, None], jnp.full((B, K), c.mask_token_id, jnp.int32)], 1)
-    logits, _, _ = apply(params, c, tokens, layouts.draft(state.cache.length, K, o["block_causal"]), state.cache, impl)
+    logits, _, _ = apply(params, c, tokens, layouts.draft_anchored(state.cache.length, K, o["block_causal"]), state.cache, impl)
     z = logits[:, 1:]
     drafts, probs = draft_tokens(z, key, o)
     return state.replace(drafts=drafts, draft_probs=probs, draft_logits=z if keep_logits(o) else None,

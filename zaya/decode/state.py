@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from zaya import layouts
 from zaya.config import ZayaConfig
-from zaya.decode import layouts
-from zaya.model import layout as layout_lib
 from zaya.model.cache import Cache, commit
 from zaya.model.transformer import Impl, apply
 
@@ -43,7 +42,7 @@ def prefill_with_block(params, c: ZayaConfig, impl: Impl, prompt_BT, lengths_B, 
     lengths[b] .., bidirectional, seeing the prompt): the first drafting block of the mask-anchored samplers comes
     free with the prefill. Only the prompt is committed. Returns (state, mask logits [B, block, V] or None)."""
     B, T = prompt_BT.shape
-    lay = layout_lib.causal(B, T, start=0, valid=lengths_B)
+    lay = layouts.causal(B, T, start=0, valid=lengths_B)
     tokens = prompt_BT
     if block:
         lay = layouts.prefill_block(lengths_B, T, block)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from zaya.decode import block, layouts
+from zaya import layouts
+from zaya.decode import block
 from zaya.decode.state import State, append
 from zaya.model.cache import commit
 from zaya.model.transformer import apply
-from zaya.tidar.layout import draft_block
 
 
 cache_slack = block.cache_slack
@@ -27,7 +27,7 @@ def init(params, c, impl, opts, state: State) -> State:
     b, B = o["block_size"], state.n.shape[0]
     key, sub = jax.random.split(state.key)
     masks = jnp.full((B, b), c.mask_token_id, jnp.int32)
-    z, _, _ = apply(params, c, masks, draft_block(state.cache.length, b, o["block_causal"]), state.cache, impl)
+    z, _, _ = apply(params, c, masks, layouts.draft_block(state.cache.length, b, o["block_causal"]), state.cache, impl)
     d, probs = block.draft_tokens(z, sub, o)
     return state.replace(drafts=d, draft_probs=probs, draft_logits=z, key=key, forwards=state.forwards + 1)
 

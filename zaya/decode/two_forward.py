@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from zaya.decode import block, layouts
+from zaya import layouts
+from zaya.decode import block
 from zaya.decode.state import State
 from zaya.model.cache import commit
 from zaya.model.transformer import apply

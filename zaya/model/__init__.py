@@ -1,6 +1,6 @@
 """The ZAYA1 model as pure functions over plain pytrees."""
 from zaya.model.cache import Cache, Chunk, commit, init_cache, rollback
-from zaya.model.layout import Layout
+from zaya.layouts import Layout
 from zaya.model.params import abstract_params, init, logical_axes, param_shapes
 from zaya.model.transformer import Impl, apply, forward, hidden
 

@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from zaya.model.layout import Layout, allowed, cache_allowed
+from zaya.layouts import Layout, allowed, cache_allowed
 
 _NEG = -1e30
 # auto: above this many (query, key) pairs per batch row, the dense path's fp32 scores [B, H, T, S] get big

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from zaya.config import ZayaConfig
 from zaya.model.layers import linear, rope
-from zaya.model.layout import PREV_CACHE, Layout
+from zaya.layouts import PREV_CACHE, Layout
 
 
 def _gather_prev(x_BTX, ring_BWX, layout: Layout, dist: int, cache_len):

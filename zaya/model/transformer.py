@@ -18,7 +18,7 @@ from zaya.model import attention as attn_lib
 from zaya.model.cache import Cache, Chunk, commit, layer_view
 from zaya.model.cca import cca_qkv
 from zaya.model.layers import linear, residual_scale, rms_norm
-from zaya.model.layout import Layout
+from zaya.layouts import Layout
 from zaya.model.moe import moe
 
 

@@ -1,1 +1,1 @@
-"""TiDAR: the block-diffusion conversion objective and its token layouts."""
+"""TiDAR: the block-diffusion conversion objective (its token layouts are in ``zaya.layouts``)."""

@@ -14,7 +14,7 @@ One backbone, one forward over ``[clean x_0..x_{S-1} | diffusion half]``:
   loss = (alpha * CE_AR + CE_diff) / (1 + alpha), each CE a mean over its valid tokens.
 
 Blocks sit at fixed row indices, owned by the document of their first index, or restart at each document
-(``block_start``, ``zaya.tidar.layout``). The mask comes from the ``Layout`` ids (O(T) per row), never a dense
+(``block_start``, ``zaya.layouts``). The mask comes from the ``Layout`` ids (O(T) per row), never a dense
 [T, T] array. ``mode="ar"`` forwards only the clean sequence with the AR loss (pretraining / the AR baseline);
 ``ar_eval`` is that loss for any model.
 
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zaya import layouts
 from zaya.model.transformer import Impl, hidden, logits_from_hidden
-from zaya.tidar import layout as tl
 
 MASKINGS = ("full", "random")
 BLOCK_STARTS = ("row", "document")
@@ -154,7 +154,7 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
     ar_w = valid & (nxt(doc, -1) == doc) & nxt(resp, False)
     out = dict(ar_labels=nxt(x, 0), ar_weights=ar_w.astype(jnp.float32))
     if opts.mode == "ar":
-        return dict(out, inputs=x, layout=tl.clean(doc))
+        return dict(out, inputs=x, layout=layouts.packed(doc))
 
     b = opts.block_size
     masked = jnp.ones((B, S), bool)
@@ -165,18 +165,18 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
     half = jnp.where(masked, jnp.int32(mask_id), x)
     anchored, aligned = opts.anchor != "none", opts.block_start == "document"
     if anchored:
-        layout = tl.training_anchored(doc, b, opts.block_causal, doc_aligned=aligned)
-        src = tl.anchor_sources(doc, b, doc_aligned=aligned)
+        layout = layouts.training_anchored(doc, b, opts.block_causal, doc_aligned=aligned)
+        src = layouts.anchor_sources(doc, b, doc_aligned=aligned)
         take = lambda a: jnp.take_along_axis(a, jnp.maximum(src, 0), 1)
         has = src >= 0
         a_labels = jnp.where(has, take(x), 0)
         anchors = jnp.where(has & (opts.anchor == "token"), a_labels, jnp.int32(mask_id))
         half = jnp.concatenate([anchors[:, :, None], half.reshape(B, S // b, b)], 2).reshape(B, -1)
-        index = tl.anchored_mask_index(S, b)
+        index = layouts.anchored_mask_index(S, b)
         out.update(anchor_index=jnp.asarray(S + np.arange(S // b) * (b + 1), jnp.int32), anchor_labels=a_labels,
                    anchor_valid=(has & take(resp)).astype(jnp.float32))
     else:
-        layout = tl.training(doc, b, opts.block_causal, doc_aligned=aligned)
+        layout = layouts.training(doc, b, opts.block_causal, doc_aligned=aligned)
         index = S + np.arange(S)
     if aligned:
         block_pos = layout.pos[:, :S] % b  # blocks restart at document starts
@@ -184,7 +184,7 @@ def build(tokens_BS, doc_ids_BS, loss_mask_BS, opts: TidarOptions, mask_id: int,
         block_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32) % b, (B, S))
     diff_valid = resp & masked
     if not aligned:  # masks standing in for another document's tokens
-        owner, foreign = tl.row_block_owner(doc, b)
+        owner, foreign = layouts.row_block_owner(doc, b)
         diff_valid = diff_valid & ~foreign
         if anchored:  # an anchored chunk owned by padding is padding
             diff_valid = diff_valid & (owner >= 0)
