@@ -163,7 +163,7 @@ def test_init_from_a_zaya_convert_output(tmp_path, fixtures_dir):
     """A `zaya convert` folder of an HF checkpoint starts a run like any model folder: the train state holds its
     weights (fp32 masters), at step 0; a model config of another shape is refused."""
     import zaya
-    from zaya.config import from_hf_config
+    from zaya.convert.hf_config import from_hf_config
     from zaya.convert.cli import convert
     from zaya.train.loop import Run
     src = os.path.join(fixtures_dir, "native")

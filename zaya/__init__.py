@@ -1,7 +1,8 @@
 """zaya: ZAYA1 MoE in JAX, converted to a TiDAR block-diffusion model and decoded with block samplers."""
 from zaya import sharding  # zaya.sharding.make_mesh(...) after `import zaya` (README)
 from zaya.api import Model, load
-from zaya.config import ZayaConfig, from_hf_config, preset
+from zaya.config import ZayaConfig, preset
+from zaya.convert.hf_config import from_hf_config
 
 __all__ = ["Model", "ZayaConfig", "from_hf_config", "generate", "load", "preset", "sharding"]
 

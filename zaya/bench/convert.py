@@ -65,7 +65,7 @@ def hf_items(cfg, seed: int = 0):
 
 def write_synthetic(cfg, folder: str, max_shard_bytes: int = 512 * MiB) -> dict:
     """Write a native-layout HF checkpoint of random weights; returns sizes (bytes)."""
-    from zaya.config import to_hf_config
+    from zaya.convert.hf_config import to_hf_config
     from zaya.convert.safetensors_io import write_sharded
 
     os.makedirs(folder, exist_ok=True)

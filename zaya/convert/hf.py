@@ -11,8 +11,9 @@ import os
 import jax
 import numpy as np
 
-from zaya.config import ConfigError, ZayaConfig, from_hf_config, is_legacy_config, to_hf_config
+from zaya.config import ConfigError, ZayaConfig
 from zaya.convert import names as N
+from zaya.convert.hf_config import from_hf_config, is_legacy_config, to_hf_config
 from zaya.convert.safetensors_io import (DTYPES, CheckpointError, dtype_name, read_tensor, scan_checkpoint,
                                         write_sharded)
 from zaya.model.params import param_dtype, param_specs
