@@ -9,7 +9,7 @@ import pytest
 import zaya
 from zaya import layouts
 from zaya.model import transformer
-from zaya.model.params import cast, init
+from zaya.model.params import cast, count, init, num_params
 
 
 @pytest.mark.parametrize("layout", ["native", "legacy"])
@@ -68,6 +68,19 @@ def test_init_shapes_and_dtypes():
     logits = transformer.apply(p, c, ids, layouts.causal(2, 5))[0]
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
     assert cast(p, c.replace(dtype="float32"))["layers"]["q"].dtype == jnp.float32
+
+
+def test_num_params_from_specs_equals_init():
+    """Counts come from param_specs alone; they match the arrays init allocates (MoE preset: 4 experts)."""
+    c = zaya.preset("tiny")
+    p = init(c, jax.random.PRNGKey(0))
+    experts = count(p["layers"]["experts"])
+    buffers = p["layers"]["router"]["bias"].size
+    assert experts == c.num_layers * c.num_experts * 3 * c.hidden_size * c.moe_intermediate_size
+    assert num_params(c, by="group") == {"dense": count(p) - experts - buffers, "experts": experts, "buffers": buffers}
+    assert num_params(c) == c.num_params() == count(p) - buffers - c.router_hidden_size  # layer 0's states_scale
+    with pytest.raises(ValueError, match="by="):
+        num_params(c, by="kind")
 
 
 def _dots(jaxpr, out):

@@ -129,7 +129,34 @@ def init(c: ZayaConfig, key: jax.Array, std: float = 0.02) -> dict:
 
 
 def count(params) -> int:
+    """Number of elements in a param tree (arrays or ``ShapeDtypeStruct`` leaves)."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _group(names: tuple[str, ...]) -> str:
+    if names[0] == "layers" and names[1] == "experts":
+        return "experts"
+    return "buffers" if names[-1] == "bias" and "router" in names else "dense"
+
+
+def num_params(c: ZayaConfig, by: str | None = None):
+    """Parameter counts derived from ``param_specs`` (the one table of shapes).
+
+    ``by=None``: the model's parameter count as a Hugging Face checkpoint holds it (model cards' number): every
+    element of the tree except the fp32 balancing biases (a buffer in the reference) and layer 0's unused
+    ``states_scale`` row. ``by="group"``: element counts of the whole tree (what ``init`` allocates) by group,
+    ``{"dense": ..., "experts": ..., "buffers": ...}`` (experts = every expert of every layer; buffers = the
+    fp32 balancing biases).
+    """
+    if by not in (None, "group"):
+        raise ValueError(f"num_params(by={by!r}): use by=None (total) or by='group'")
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(c), is_leaf=_is_spec)[0]
+    groups = {"dense": 0, "experts": 0, "buffers": 0}
+    for path, (shape, _, _) in flat:
+        groups[_group(tuple(p.key for p in path))] += int(np.prod(shape))
+    if by == "group":
+        return groups
+    return groups["dense"] + groups["experts"] - c.router_hidden_size  # layer 0's states_scale row is unused
 
 
 def cast(params, c: ZayaConfig):
