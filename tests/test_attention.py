@@ -40,7 +40,8 @@ def _dense_ref(q, k, v, m):
 
 def test_tidar_mask_matches_paper_figure():
     m = dense_mask(_tidar_like(6, 3))[0].astype(int)
-    # rows: clean x0..x5 then masks M0..M5 (docs/tidar_and_samplers.md §1.2)
+    # rows: clean x0..x5 then masks M0..M5, the TiDAR paper's figure: clean causal, each mask block sees the
+    # clean tokens before it and itself
     assert (m[:6, :6] == np.tril(np.ones((6, 6)))).all() and m[:6, 6:].sum() == 0
     assert m[6:9, :6].sum() == 0 and (m[6:9, 6:9] == 1).all() and m[6:9, 9:].sum() == 0
     assert (m[9:, :3] == 1).all() and m[9:, 3:9].sum() == 0 and (m[9:, 9:] == 1).all()

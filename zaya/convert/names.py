@@ -1,7 +1,7 @@
 """HF tensor names <-> zaya param leaves, for the native layout and the legacy per-layer-list layout.
 
 Native names (transformers >= 5.13 ``zaya``) map one-to-one onto a slice of a stacked zaya leaf. Legacy names
-(Zyphra's fork) are first renamed to native ones (docs/zaya1_architecture.md §5.3): attention layer 2i and MoE layer
+(Zyphra's fork) are first renamed to native ones: attention layer 2i and MoE layer
 2i+1 become native layer i, per-expert tensors become one slot of the stacked expert tensor, and each layer's
 ``res_scale`` moves to the residual scaling it really applies to.
 """
