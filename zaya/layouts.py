@@ -24,8 +24,8 @@ and since block tokens never feed clean tokens' convolutions or attention, the c
 Builders (all jnp, traceable, static shapes):
   training    causal, packed; TiDAR ``training`` ``[clean x S | mask x S]`` and ``training_anchored``
               ``[clean x S | (anchor, mask x b) x S/b]``
-  decoding    verify ``[a, d_1..d_K]``; draft_block (``length`` masks after the cache), draft_anchored
-              ``[a', mask x K]``; single_forward; tidar_published; prefill_block ``[prompt | mask x W]``
+  decoding    verify ``[a, d_1..d_N]``; draft_block (``width`` masks after the cache), draft_anchored
+              ``[a', mask x N]``; single_forward; tidar_published; prefill_block ``[prompt | mask x width]``
 A new layout is one function returning a ``Layout``; build its ``prev`` with ``conv_prev``.
 """
 from __future__ import annotations
@@ -64,7 +64,8 @@ def allowed(q_pos, q_seg, q_blk, q_ctx, k_pos, k_seg, k_blk, block_causal=False)
 
 
 def cache_allowed(q_ctx, q_seg, slot, length):
-    """Cached keys: slot < length (valid) and slot <= ctx of the query. q [..., Tq, 1], slot [1, S], length [..., 1, 1]."""
+    """Cached keys: slot < length (valid) and slot <= ctx of the query.
+    q [..., Tq, 1], slot [1, S], length [..., 1, 1]."""
     return (slot < length) & (slot <= q_ctx) & (q_seg >= 0)
 
 
@@ -98,12 +99,11 @@ def _cat(*lays: Layout, block_causal=False) -> Layout:
     return Layout(pos=f("pos"), seg=f("seg"), blk=f("blk"), ctx=f("ctx"), prev=f("prev"), block_causal=block_causal)
 
 
-def _block(pos_BT, seg_BT, blk, ctx, prev, block_causal=False) -> Layout:
+def _block(pos_BT, seg, blk, ctx, prev, block_causal=False) -> Layout:
     """A mask block's layout from its positions (blk, ctx broadcast to [B, T])."""
     shape = pos_BT.shape
-    return Layout(pos=pos_BT, seg=jnp.broadcast_to(seg_BT, shape).astype(jnp.int32),
-                  blk=jnp.broadcast_to(blk, shape).astype(jnp.int32), ctx=jnp.broadcast_to(ctx, shape).astype(jnp.int32),
-                  prev=prev, block_causal=block_causal)
+    fill = lambda x: jnp.broadcast_to(x, shape).astype(jnp.int32)
+    return Layout(pos=pos_BT, seg=fill(seg), blk=fill(blk), ctx=fill(ctx), prev=prev, block_causal=block_causal)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,9 +125,9 @@ def causal(batch: int, length: int, start=0, valid=None) -> Layout:
     return Layout(pos=pos, seg=seg, blk=jnp.full((batch, length), -1, jnp.int32), ctx=pos, prev=prev)
 
 
-def verify(L_B, K: int) -> Layout:
-    """The verify forward ``[a, d_1..d_K]`` at L..L+K, causal over the cache."""
-    return causal(L_B.shape[0], K + 1, start=L_B)
+def verify(length_B, N: int) -> Layout:
+    """The verify forward ``[a, d_1..d_N]`` at length..length+N, causal over the cache."""
+    return causal(length_B.shape[0], N + 1, start=length_B)
 
 
 def _docs(doc_ids):
@@ -292,51 +292,52 @@ def training_anchored(doc_ids, block: int, block_causal: bool = False, doc_align
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Decoding: built from the per-row cache length L [B] (the clean prefix already cached).
+# Decoding: built from the per-row cache length ``length_B`` (the clean prefix already cached); N drafts per block.
 
-def draft_block(start_B, length: int, block_causal: bool = False) -> Layout:
-    """``length`` mask tokens at positions start..start+length-1 after a cached clean prefix of ``start`` tokens:
+def draft_block(start_B, width: int, block_causal: bool = False) -> Layout:
+    """``width`` mask tokens at positions start..start+width-1 after a cached clean prefix of ``start`` tokens:
     one bidirectional block, the decode-time twin of a ``training`` block at the same positions."""
     start = jnp.asarray(start_B, jnp.int32)[:, None]
-    t = jnp.arange(length, dtype=jnp.int32)
+    t = jnp.arange(width, dtype=jnp.int32)
     pos = start + t
     prev = conv_prev(pos, block_from=start, block_at=lambda d: t - d, cache=True)
     return _block(pos, 0, 0, start - 1, prev, block_causal)
 
 
-def draft_anchored(start_B, length: int, block_causal: bool = False) -> Layout:
-    """The anchored drafting forward ``[a, mask x length]`` (1 + length tokens) after a cache of ``start`` tokens.
+def draft_anchored(start_B, N: int, block_causal: bool = False) -> Layout:
+    """The anchored drafting forward ``[a, mask x N]`` (N + 1 tokens) after a cache of ``start`` tokens.
 
     The anchor (the last accepted / bonus token, not yet cached; or a mask: the mask-anchored samplers'
-    ``[mask x (length+1)]``) sits at position ``start`` with ctx start-1 and reads its conv predecessors from the
-    cache; the masks follow at start+1 .. start+length, all one bidirectional block. It matches the training chunk
-    [anchor x_{kb-1}, masks kb..kb+b-1] of ``training_anchored`` with start = kb - 1.
+    ``[mask x (N+1)]``) sits at position ``start`` with ctx start-1 and reads its conv predecessors from the
+    cache; the masks follow at start+1 .. start+N, all one bidirectional block. It matches the training chunk
+    [anchor x_{kb-1}, masks kb..kb+b-1] of ``training_anchored`` with start = kb - 1 and N = b.
     """
-    return draft_block(start_B, 1 + length, block_causal)
+    return draft_block(start_B, 1 + N, block_causal)
 
 
-def _proposal(L_B, offset: int, width: int, blk: int, base: int) -> Layout:
-    """``width`` masks at L+offset.. (chunk indices base..) after the clean chunk tokens at L..L+offset-1 (chunk
-    indices 0..offset-1) that they see."""
-    L = L_B[:, None]
+def _proposal(length_B, offset: int, width: int, blk: int, base: int) -> Layout:
+    """``width`` masks at length+offset.. (chunk indices base..) after the clean chunk tokens at
+    length..length+offset-1 (chunk indices 0..offset-1) that they see."""
+    length = length_B[:, None]
     t = jnp.arange(width, dtype=jnp.int32)
-    pos = L + offset + t
-    prev = conv_prev(pos, block_from=L + offset, block_at=lambda d: base + t - d, clean_from=L,
+    pos = length + offset + t
+    prev = conv_prev(pos, block_from=length + offset, block_at=lambda d: base + t - d, clean_from=length,
                      clean_at=lambda d: offset + t - d, cache=True)
-    return _block(pos, 0, blk, L + offset - 1, prev)
+    return _block(pos, 0, blk, length + offset - 1, prev)
 
 
-def single_forward(L_B, K: int, levels: tuple[int, ...], block_causal: bool = False) -> Layout:
-    """``[verify (K+1) | proposal_j (K+1) for each level]``: proposal j sits at L+l_j+1 .. L+l_j+K+1 and sees the
-    cache plus verify[:l_j+1]."""
-    W = K + 1
-    parts = [verify(L_B, K)] + [_proposal(L_B, lvl + 1, W, j, W * (j + 1)) for j, lvl in enumerate(levels)]
+def single_forward(length_B, N: int, levels: tuple[int, ...], block_causal: bool = False) -> Layout:
+    """``[verify (N+1) | proposal_p (N+1) for each level l_p]``: proposal p sits at length+l_p+1 ..
+    length+l_p+N+1 and sees the cache plus verify[:l_p+1]."""
+    W = N + 1
+    parts = [verify(length_B, N)] + [_proposal(length_B, lvl + 1, W, p, W * (p + 1)) for p, lvl in enumerate(levels)]
     return _cat(*parts, block_causal=block_causal)
 
 
-def tidar_published(L_B, b: int, block_causal: bool = False) -> Layout:
-    """The authors' ``[D_0..D_{b-1} | set_1 .. set_b]``: set k (b masks at L+k .. L+k+b-1) sees D[:k]."""
-    parts = [causal(L_B.shape[0], b, start=L_B)] + [_proposal(L_B, k, b, k - 1, b * k) for k in range(1, b + 1)]
+def tidar_published(length_B, N: int, block_causal: bool = False) -> Layout:
+    """The authors' ``[D_0..D_{N-1} | set_1 .. set_N]``: set k (N masks at length+k .. length+k+N-1) sees D[:k]."""
+    parts = [causal(length_B.shape[0], N, start=length_B)]
+    parts += [_proposal(length_B, k, N, k - 1, N * k) for k in range(1, N + 1)]
     return _cat(*parts, block_causal=block_causal)
 
 
@@ -344,8 +345,8 @@ def prefill_block(lengths_B, T: int, width: int) -> Layout:
     """[prompt (T, right-padded) | mask x width] on an empty cache: the masks stand at lengths[b] .. and see the
     row's prompt and each other (one bidirectional block); conv predecessors are earlier masks (chunk index
     T + t - d), else the prompt's last tokens (chunk index = position)."""
-    L = jnp.asarray(lengths_B, jnp.int32)[:, None]
+    length = jnp.asarray(lengths_B, jnp.int32)[:, None]
     t = jnp.arange(width, dtype=jnp.int32)
-    pos = L + t
-    prev = conv_prev(pos, block_from=L, block_at=lambda d: T + t - d, clean_from=0, clean_at=lambda d: pos - d)
-    return _cat(causal(L.shape[0], T, start=0, valid=lengths_B), _block(pos, 0, 0, L - 1, prev))
+    pos = length + t
+    prev = conv_prev(pos, block_from=length, block_at=lambda d: T + t - d, clean_from=0, clean_at=lambda d: pos - d)
+    return _cat(causal(length.shape[0], T, start=0, valid=lengths_B), _block(pos, 0, 0, length - 1, prev))
