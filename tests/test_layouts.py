@@ -278,3 +278,37 @@ def test_anchored_row_blocks_start_mid_document_like_decode_drafting(model):
         chunk = S + g * (B_ + 1)
         np.testing.assert_allclose(draft, train[:, chunk:chunk + B_ + 1], atol=2e-5)
     assert not np.asarray(bt["diff_valid"])[0, 5:8].any() and np.asarray(bt["diff_valid"])[0, 4] == 1
+
+
+def _verify_then_block(length_B, N: int, width: int) -> layouts.Layout:
+    """A layout written outside the package, as a researcher would: ``[verify (N+1) | mask x width]`` where the
+    masks draft after the whole verify chunk (the step after a full acceptance). One function, nothing else."""
+    length = length_B[:, None]
+    t = jnp.arange(width, dtype=jnp.int32)
+    pos = length + N + 1 + t
+    prev = layouts.conv_prev(pos, block_from=length + N + 1, block_at=lambda d: N + 1 + t - d, clean_from=length,
+                             clean_at=lambda d: pos - d - length, cache=True)
+    ctx = jnp.broadcast_to(length + N, pos.shape)  # the masks see the cache and the whole verify chunk
+    masks = layouts.Layout(pos=pos, seg=jnp.zeros_like(pos), blk=jnp.zeros_like(pos), ctx=ctx, prev=prev)
+    return layouts.concat(layouts.verify(length_B, N), masks)
+
+
+def test_a_new_layout_is_one_builder_function(model):
+    """The layout above: its mask and conv predecessors match the references, and its masks' logits equal a
+    drafting forward after committing the verify chunk."""
+    c, p = model
+    N, W = 3, 4
+    length = jnp.array([2, 5])
+    lay = _verify_then_block(length, N, W)
+    ref = _decode_reference([range(0, N + 1), (range(N + 1, N + 1 + W), N + 1)], 10 ** 6, False)
+    np.testing.assert_array_equal(dense_mask(lay), np.stack([ref, ref]))  # positions shift per row, the mask does not
+    np.testing.assert_array_equal(np.asarray(lay.prev), prev_from_mask(lay, True))
+    x = _tokens(c)
+    cache = _prefill(p, c, x, length)[1]
+    v = jnp.stack([x[r, int(n):int(n) + N + 1] for r, n in enumerate(length)])
+    masks = jnp.full((2, W), c.mask_token_id, jnp.int32)
+    both = np.asarray(_draft(p, c, jnp.concatenate([v, masks], 1), lay, cache))
+    _, after = forward(p, c, v, layouts.verify(length, N), cache, impl=IMPL)
+    alone = np.asarray(_draft(p, c, masks, layouts.draft_block(length + N + 1, W), after))
+    np.testing.assert_allclose(both[:, N + 1:], alone, atol=2e-5)
+

@@ -26,7 +26,8 @@ Builders (all jnp, traceable, static shapes):
               ``[clean x S | (anchor, mask x b) x S/b]``
   decoding    verify ``[a, d_1..d_N]``; draft_block (``width`` masks after the cache), draft_anchored
               ``[a', mask x N]``; single_forward; tidar_published; prefill_block ``[prompt | mask x width]``
-A new layout is one function returning a ``Layout``; build its ``prev`` with ``conv_prev``.
+A new layout is one function returning a ``Layout`` (parts joined with ``concat``); build its ``prev`` with
+``conv_prev``. ``tests/layout_reference.py`` checks any layout against its dense mask and the visible-token rule.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def conv_prev(pos, block_from=None, block_at=None, clean_from=None, clean_at=Non
     return jnp.stack(out, -1).astype(jnp.int32)
 
 
-def _cat(*lays: Layout, block_causal=False) -> Layout:
+def concat(*lays: Layout, block_causal=False) -> Layout:
+    """Layouts of consecutive parts of one chunk side by side (``prev`` indices must already be chunk indices)."""
     f = lambda n: jnp.concatenate([getattr(x, n) for x in lays], 1).astype(jnp.int32)
     return Layout(pos=f("pos"), seg=f("seg"), blk=f("blk"), ctx=f("ctx"), prev=f("prev"), block_causal=block_causal)
 
@@ -206,7 +208,7 @@ def training(doc_ids, block: int, block_causal: bool = False, doc_aligned: bool 
     m_prev = conv_prev(m_pos, block_from=m_pos - (i - kb), block_at=lambda d: S + i - d, clean_from=0,
                        clean_at=lambda d: i - d)
     masks = _block(m_pos, m_seg, blk, m_ctx, m_prev)
-    return _cat(packed(doc), masks, block_causal=block_causal)
+    return concat(packed(doc), masks, block_causal=block_causal)
 
 
 def anchored_mask_index(S: int, block: int) -> np.ndarray:
@@ -288,7 +290,7 @@ def training_anchored(doc_ids, block: int, block_causal: bool = False, doc_align
 
     blocks = Layout(pos=chunks(a_pos, m_pos), seg=chunks(a_seg, m_seg), blk=chunks(jnp.where(has, s, 0), kb),
                     ctx=chunks(a_pos - 1, kpos - 2), prev=chunks(a_prev, m_prev))
-    return _cat(packed(doc), blocks, block_causal=block_causal)
+    return concat(packed(doc), blocks, block_causal=block_causal)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,14 +333,14 @@ def single_forward(length_B, N: int, levels: tuple[int, ...], block_causal: bool
     length+l_p+N+1 and sees the cache plus verify[:l_p+1]."""
     W = N + 1
     parts = [verify(length_B, N)] + [_proposal(length_B, lvl + 1, W, p, W * (p + 1)) for p, lvl in enumerate(levels)]
-    return _cat(*parts, block_causal=block_causal)
+    return concat(*parts, block_causal=block_causal)
 
 
 def tidar_published(length_B, N: int, block_causal: bool = False) -> Layout:
     """The authors' ``[D_0..D_{N-1} | set_1 .. set_N]``: set k (N masks at length+k .. length+k+N-1) sees D[:k]."""
     parts = [causal(length_B.shape[0], N, start=length_B)]
     parts += [_proposal(length_B, k, N, k - 1, N * k) for k in range(1, N + 1)]
-    return _cat(*parts, block_causal=block_causal)
+    return concat(*parts, block_causal=block_causal)
 
 
 def prefill_block(lengths_B, T: int, width: int) -> Layout:
@@ -349,4 +351,4 @@ def prefill_block(lengths_B, T: int, width: int) -> Layout:
     t = jnp.arange(width, dtype=jnp.int32)
     pos = length + t
     prev = conv_prev(pos, block_from=length, block_at=lambda d: T + t - d, clean_from=0, clean_at=lambda d: pos - d)
-    return _cat(causal(length.shape[0], T, start=0, valid=lengths_B), _block(pos, 0, 0, length - 1, prev))
+    return concat(causal(length.shape[0], T, start=0, valid=lengths_B), _block(pos, 0, 0, length - 1, prev))
