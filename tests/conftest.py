@@ -1,7 +1,12 @@
-"""Test setup: 8 simulated CPU devices (sharding tests), fp32 matmuls, shared fixtures."""
+"""Test setup: 8 simulated CPU devices (sharding tests), fp32 matmuls, shared fixtures, required-test guards."""
+import importlib.util
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+DEVICES = 8
+# Added to the user's own XLA_FLAGS (e.g. an ISA cap), never replaced by them: the multi-device tests need it.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -23,6 +28,30 @@ def fixtures_dir():
     if not os.path.isdir(FIXTURES):
         pytest.fail(f"fixtures not found at {FIXTURES}; set ZAYA_FIXTURES to ../shared/fixtures/zaya_tiny")
     return FIXTURES
+
+
+def need_devices(n: int):
+    """Fail (never skip) when fewer than n devices exist: a required multi-device test must not vanish."""
+    if jax.device_count() < n:
+        pytest.fail(f"this test needs {n} devices, jax sees {jax.device_count()}: XLA_FLAGS="
+                    f"{os.environ.get('XLA_FLAGS')!r} sets another --xla_force_host_platform_device_count, or jax "
+                    f"started before tests/conftest.py (remove the flag or set it to {DEVICES})")
+
+
+DEV_EXTRAS = ("xdist", "nbclient", "nbformat", "ipykernel")  # `pip install -e ".[dev]"` installs these with torch
+
+
+def require(module: str, minversion: str | None = None, why: str = ""):
+    """Import a test dependency. Where the dev extras are installed (as in CI) a missing or too old one FAILS the
+    test; only a bare runtime install (no dev extras) skips, with the reason."""
+    dev = all(importlib.util.find_spec(m) is not None for m in DEV_EXTRAS)
+    try:
+        return pytest.importorskip(module, minversion=minversion, reason=why)
+    except pytest.skip.Exception as e:
+        if dev:
+            pytest.fail(f"{why}: the dev extras are installed, so this required test may not skip ({e}); "
+                        f"run `pip install -e \".[dev]\"`", pytrace=False)
+        raise
 
 
 def randomize(params, key, scale=0.3):

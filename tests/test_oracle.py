@@ -8,9 +8,11 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="oracle tests need torch (pip install torch, CPU wheel)")
-transformers = pytest.importorskip("transformers", minversion="5.24",
-                                   reason="oracle tests need transformers >= 5.24 (mainline `zaya` model)")
+from conftest import require  # noqa: E402
+
+torch = require("torch", why="oracle tests need torch (pip install torch==2.13.0, CPU wheel)")
+transformers = require("transformers", minversion="5.24",
+                       why="oracle tests need transformers >= 5.24 (mainline `zaya` model)")
 from transformers import ZayaConfig, ZayaForCausalLM  # noqa: E402
 
 import zaya  # noqa: E402
