@@ -55,3 +55,12 @@ def test_summary_lists_every_sampler_row_with_its_bound():
     assert "| SF K=15 L=0 | 1 | device | 3.50 | 2.80 | 0.80 0.90 0.95 0.97 | 1.51x | 2.31x | True |" in md
     assert "| TF K=15 mask-anchor | 8 | host | 1.20 | 2.80 | 0.80 | 0.64x | n/a | False |" in md
     assert "0.50, 0.25" in md and "after SFT (tasks): 0.90" in md
+
+
+def test_demo_fails_when_a_greedy_block_row_differs_from_ar():
+    """The demo asserts its lossless claim on every machine (after writing its results), rather than printing it."""
+    import pytest
+    ok = dict(config="SF K=15 L=0", batch=1, loop="host", equal_ar=True)
+    demo.check([ok, dict(ok, loop="device")])
+    with pytest.raises(SystemExit, match=r"TF K=15 mask-anchor \(batch 8, device loop\)"):
+        demo.check([ok, dict(config="TF K=15 mask-anchor", batch=8, loop="device", equal_ar=False)])

@@ -94,7 +94,18 @@ def main(args):
         f.write(md)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"pretrain": sa, "convert": sb, "sft": sc, "eval": ev, "samplers": rows}, f, indent=2, default=str)
+    check(rows)
     return {"eval": ev, "samplers": rows}
+
+
+def check(rows) -> None:
+    """The demo's own claims, asserted on whichever machine runs it (after the results are written): every row
+    decodes greedily with a lossless rule, so each must give exactly AR's tokens."""
+    bad = [f"{r['config']} (batch {r['batch']}, {r.get('loop', 'host')} loop)" for r in rows
+           if r.get("equal_ar") is not True]
+    if bad:
+        raise SystemExit("zaya demo: greedy block decoding must reproduce AR's tokens, but these rows differ: "
+                         + "; ".join(bad) + " (see summary.md and samplers*/ in the output folder)")
 
 
 def _first(r) -> float:
