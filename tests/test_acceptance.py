@@ -52,7 +52,8 @@ def test_dirac_acceptance_rate_is_p_of_draft():
 def test_strict_and_typical_and_topk_shapes():
     z, d = _setup(B=4)
     for name in ("strict", "typical", "topk", "tidar_ratio", "rejection", "greedy"):
-        n, nxt = A.get(name)(z, d, None, jax.random.PRNGKey(3), {"temperature": 1.0, "draft_logits": z[:, :-1]})
+        n, nxt = A.get(name)(z, d, None, jax.random.PRNGKey(3), {"temperature": 1.0},
+                             A.RuleInputs(draft_logits=z[:, :-1]))
         assert n.shape == (4,) and nxt.shape == (4,) and int(n.max()) <= 3 and int(n.min()) >= 0
 
 
@@ -60,8 +61,7 @@ def test_mix_weight_one_is_identity_and_zero_trusts_the_drafter():
     z, _ = _setup(B=2, K=3)
     zd = jax.random.normal(jax.random.PRNGKey(4), z[:, :-1].shape) * 3
     d = jnp.argmax(zd, -1)  # drafts = drafter argmax
-    o = {"diff_logits": zd}
-    n0, _ = A.get("greedy", mix_weight=0.0)(z, d, None, jax.random.PRNGKey(0), o)
+    n0, _ = A.get("greedy", mix_weight=0.0)(z, d, None, jax.random.PRNGKey(0), {}, A.RuleInputs(diff_logits=zd))
     assert (np.asarray(n0) == 3).all()  # w=0: the verifier is the drafter itself, everything is accepted
     assert A.get("greedy", mix_weight=1.0) is A.ACCEPTANCE["greedy"]
 
@@ -76,6 +76,25 @@ def test_register_a_new_criterion():
     del A.ACCEPTANCE["always_one"]
     with pytest.raises(ValueError, match="unknown acceptance"):
         A.get("always_one")
+
+
+def test_a_rule_asks_for_the_drafting_logits_at_registration():
+    """needs_inputs=True: the rule gets RuleInputs as a sixth argument (any name, not only tidar_ratio); the mix
+    wrapper needs them too; the lossless flag marks the rules exact w.r.t. AR."""
+    @A.register("trust_drafter", needs_inputs=True)
+    def trust_drafter(z, d, q, rng, o, inputs):  # accept while the draft is the drafter's own argmax
+        n = jnp.cumprod((d == jnp.argmax(inputs.draft_logits, -1)).astype(jnp.int32), 1).sum(1)
+        return n, jnp.argmax(z[:, 0], -1).astype(jnp.int32)
+    try:
+        z, d = _setup(B=2, K=3)
+        ql = jax.nn.one_hot(d.at[1, 1].set((d[1, 1] + 1) % z.shape[-1]), z.shape[-1])  # row 1: d_2 is not q's top
+        n, _ = A.get("trust_drafter")(z, d, None, jax.random.PRNGKey(0), {}, A.RuleInputs(draft_logits=ql))
+        assert np.asarray(n).tolist() == [3, 1]
+        assert A.ACCEPTANCE["trust_drafter"].needs_inputs and not A.ACCEPTANCE["greedy"].needs_inputs
+        assert A.get("greedy", mix_weight=0.5).needs_inputs  # mixing reads the diffusion logits
+    finally:
+        del A.ACCEPTANCE["trust_drafter"]
+    assert {n for n, r in A.ACCEPTANCE.items() if r.lossless} == {"greedy", "rejection", "strict"}
 
 
 # --- Chained positions and the bonus token: the joint of the committed tokens is the AR joint ---------------------
@@ -114,8 +133,7 @@ def _committed_joint_counts(name, dirac, opts, K=2, N=40_000, seed=0):
             q.append(qi)
         d_NK, q_NKV = jnp.stack(d, 1).astype(jnp.int32), jnp.stack(q, 1)
         z = jnp.concatenate([jnp.broadcast_to(L0, (N, 1, L0.shape[0])), LT[d_NK]], 1)  # [N, K+1, V]
-        o = dict(opts, draft_logits=jnp.log(q_NKV))
-        n, nxt = rule(z, d_NK, None if dirac else q_NKV, ka, o)
+        n, nxt = rule(z, d_NK, None if dirac else q_NKV, ka, opts, A.RuleInputs(draft_logits=jnp.log(q_NKV)))
         toks = []
         for j, k in enumerate(jax.random.split(kf, K + 1)):
             fill = sample(LT[toks[-1]], k, opts["temperature"], opts.get("top_k")) if j else nxt
@@ -216,9 +234,10 @@ def test_tidar_ratio_at_temperature_zero_is_greedy():
     z = g.normal(size=(B, K + 1, V)).astype(np.float32) * 2
     top = z.argmax(-1)
     d = np.where(g.uniform(size=(B, K)) < 0.7, top[:, :K], (top[:, :K] + 1) % V).astype(np.int32)
-    o = {"draft_logits": g.normal(size=(B, K, V)).astype(np.float32)}
-    run = jax.jit(lambda z, d, o: [A.get(r)(z, d, None, jax.random.PRNGKey(1), o) for r in ("tidar_ratio", "greedy")])
-    (n, nxt), (ng, nxtg) = run(z, d, o)
+    x = A.RuleInputs(draft_logits=g.normal(size=(B, K, V)).astype(np.float32))
+    run = jax.jit(lambda z, d, x: [A.get(r)(z, d, None, jax.random.PRNGKey(1), {}, x)
+                                   for r in ("tidar_ratio", "greedy")])
+    (n, nxt), (ng, nxtg) = run(z, d, x)
     assert len(set(np.asarray(ng).tolist())) >= 3  # rows stop at different positions
     np.testing.assert_array_equal(n, ng)
     np.testing.assert_array_equal(nxt, nxtg)
@@ -235,8 +254,8 @@ def test_tidar_ratio_accepts_with_min_1_ratio_and_has_no_residual():
     r = np.minimum(1.0, p[np.arange(2), d] / _np_softmax(zq)[np.arange(2), d])  # [.76, .67]
     z = jnp.broadcast_to(jnp.asarray(zv, jnp.float32), (N, 3, 4))
     ql = jnp.broadcast_to(jnp.asarray(zq, jnp.float32), (N, 2, 4))
-    run = jax.jit(lambda z, d, ql: A.get("tidar_ratio")(z, d, None, jax.random.PRNGKey(7),
-                                                       {"temperature": T, "draft_logits": ql}))
+    run = jax.jit(lambda z, d, ql: A.get("tidar_ratio")(z, d, None, jax.random.PRNGKey(7), {"temperature": T},
+                                                       A.RuleInputs(draft_logits=ql)))
     n, nxt = run(z, jnp.broadcast_to(jnp.asarray(d, jnp.int32), (N, 2)), ql)
     n, nxt = np.asarray(n), np.asarray(nxt)
     tol = 4 * np.sqrt(.25 / N)

@@ -14,8 +14,9 @@ import zaya
 from zaya import cli as zaya_cli
 from zaya.convert import checkpoint as ckpt
 from zaya.decode import acceptance
-from zaya.decode import block, cli
+from zaya.decode import cli
 from zaya.decode import generate as gen_mod
+from zaya.decode.options import DecodeOptions
 from zaya.model.params import map_specs, param_specs
 
 N = 8  # max new tokens everywhere: one padded prompt shape and one budget, so the runs share compiles
@@ -145,7 +146,8 @@ def test_flags_map_to_generate_kwargs(m, monkeypatch):
     assert (kw["epsilon"], kw["draft_temperature"], kw["mix_weight"], kw["anchor"], kw["eos_id"]) == \
         (0.2, 0.7, 0.5, "mask", 7)
     # every keyword is one zaya.generate or the block samplers read (generate passes unknown ones on silently)
-    known = set(inspect.signature(gen_mod.generate).parameters) | set(block.DEFAULTS) | {"epsilon", "delta", "k", "r"}
+    known = set(inspect.signature(gen_mod.generate).parameters) | set(DecodeOptions.__dataclass_fields__) | \
+        {"epsilon", "delta", "k", "r"}
     assert set(kw) <= known, set(kw) - known
     zaya_cli.main(["generate", model_dir, "--max-new-tokens", "3"])  # top-level parser: EOS default, BOS prompt
     kw = calls.pop()
@@ -170,8 +172,8 @@ def test_flags_map_to_generate_kwargs(m, monkeypatch):
 def test_rule_options_cover_the_acceptance_rules():
     """RULE_OPTIONS lists exactly the knobs each registered rule reads from its options (no drift)."""
     shared = {"temperature", "top_k", "top_p", "draft_logits", "diff_logits"}
-    for name, fn in acceptance.ACCEPTANCE.items():
-        keys = set(re.findall(r'o\.get\("(\w+)"', inspect.getsource(fn))) - shared
+    for name, rule in acceptance.ACCEPTANCE.items():
+        keys = set(re.findall(r'o\.get\("(\w+)"', inspect.getsource(rule.fn))) - shared
         assert keys == set(cli.RULE_OPTIONS.get(name, {})), name
 
 

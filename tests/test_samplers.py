@@ -9,14 +9,16 @@ import zaya
 from conftest import randomize
 from zaya import layouts
 from zaya.api import Model
-from zaya.decode import single_forward, tidar, two_forward
+from zaya.decode import acceptance, samplers
 from zaya.decode.generate import generate
+from zaya.decode.options import DecodeOptions
 from zaya.decode.state import prefill
 from zaya.model.cache import init_cache
 from zaya.model.params import init
 from zaya.model.transformer import Impl, apply
 
 ROWS = [[2, 17, 301, 45], [2, 9, 511, 128, 3, 77, 260], [2, 5]]
+two_forward, single_forward, tidar = (samplers.get(n) for n in ("two_forward", "single_forward", "tidar"))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def _drive(model, sampler, rows, steps, force=None, wrong=True, max_new=64, **op
     return the final state and the per-step infos. ``force`` [B, R]: before each step the drafts are replaced by
     ``_forced_drafts`` of it (a random-weight model accepts no drafts of its own); ``max_new`` is the budget."""
     c, p, impl = model.config, model.params, Impl()
-    o = dict(dict(temperature=0.0, top_k=None, top_p=None, eos_id=None, stop=None), max_new=max_new, **opts)
+    o = sampler.options(max_new_tokens=max_new, **opts)
     st = _prefilled(model, rows, max_new)
     st = jax.jit(lambda p, st: sampler.init(p, c, impl, o, st))(p, st)
     step = jax.jit(lambda p, st: sampler.step(p, c, impl, o, st))
@@ -136,11 +138,10 @@ def test_drafts_in_prefill_equal_a_separate_drafting_forward(model):
     for b, r in enumerate(ROWS):
         prompt[b, :len(r)] = r
     lengths = jnp.array([len(r) for r in ROWS])
-    o = dict(temperature=0.0, top_k=None, top_p=None, eos_id=None, max_new=64, stop=None, block_size=5,
-             anchor="mask", acceptance="greedy")
+    o = DecodeOptions(max_new_tokens=64, block_size=5, anchor="mask")
     args = (jnp.asarray(prompt), lengths, init_cache(c, B, 96), 64, jax.random.PRNGKey(0))
-    fused = block.prefill_and_start(p, c, impl, o, *args)
-    sep = block.start(p, c, impl, block.options(o), prefill(p, c, impl, *args))
+    fused = block.prefill_and_start(p, c, impl, o, *args[:3], args[4])
+    sep = block.start(p, c, impl, o, prefill(p, c, impl, *args))
     np.testing.assert_array_equal(np.asarray(fused.pending), np.asarray(sep.pending))
     np.testing.assert_array_equal(np.asarray(fused.drafts), np.asarray(sep.drafts))
     np.testing.assert_array_equal(np.asarray(fused.cache.length), np.asarray(lengths))
@@ -328,14 +329,71 @@ def test_lossy_criteria_differ(small_vocab, kw):
 def test_summary_counts_only_committed_tokens():
     """Stats follow what was appended: drafts 'accepted' after an EOS cut don't count; an accepted EOS does."""
     from zaya.decode import block
-    o = dict(block_size=4, _query_tokens=10)
+    o = dict(N=4, query_tokens=10)
     cut = [{"accepted": np.array([4]), "kept": np.array([2]), "active": np.array([True])}]  # d1, d2 = EOS kept
-    s = block.summarize(cut, o)
+    s = block.summarize(cut, **o)
     assert s["tokens_per_step"] == 2 and s["counts"]["reached"][:3] == [1, 1, 0]
     assert s["acceptance_per_position"][:2] == [1.0, 1.0]
     plain = [{"accepted": np.array([1]), "kept": np.array([2]), "active": np.array([True])}]  # d1, then bonus
-    s = block.summarize(plain, o)
+    s = block.summarize(plain, **o)
     assert s["tokens_per_step"] == 2 and s["counts"]["reached"][:3] == [1, 1, 0]
     assert s["acceptance_per_position"][:2] == [1.0, 0.0]
-    s = block.summarize([dict(plain[0], kept=np.array([1]))], dict(o, _kept_first=1))  # TiDAR: D_0 first
+    s = block.summarize([dict(plain[0], kept=np.array([1]))], **o, kept_first=1)  # TiDAR: D_0 first
     assert s["counts"]["accepted"][0] == 0 and s["tokens_per_step"] == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plug-ins: a rule or a sampler registered from a notebook cell, and the same cell run again with a change.
+
+def test_reregistered_rule_takes_effect(model, ar_ref):
+    """Rule 'x' accepts every draft, then (the cell re-run) none: the second generate decodes with the new rule
+    (compiled functions are keyed on the registered rule, not its name)."""
+    def bonus(z, n):  # the verifier's argmax after n accepted drafts
+        return jnp.argmax(z[:, n], -1).astype(jnp.int32)
+    kw = dict(sampler="two_forward", block_size=3, acceptance="x", max_new_tokens=24)
+    try:
+        acceptance.register("x")(lambda z, d, q, rng, o: (jnp.full(d.shape[:1], d.shape[1]), bonus(z, d.shape[1])))
+        everything = generate(model, ROWS, **kw)
+        acceptance.register("x")(lambda z, d, q, rng, o: (jnp.zeros(d.shape[:1], jnp.int32), bonus(z, 0)))
+        nothing = generate(model, ROWS, **kw)
+    finally:
+        del acceptance.ACCEPTANCE["x"]
+    assert everything.stats["acceptance_per_position"] == [1.0] * 3 and everything.tokens != ar_ref
+    assert nothing.stats["acceptance_per_position"] == [0.0] * 3 and nothing.tokens == ar_ref  # greedy bonus = AR
+    assert nothing.stats["tokens_per_step"] == 1.0 and everything.stats["tokens_per_step"] > 3
+
+
+def test_reregistered_sampler_takes_effect(model, ar_ref):
+    """A sampler is one registered record: 'x' first reuses AR's step, then (the cell re-run) emits token 7."""
+    import dataclasses
+
+    from zaya.decode.state import append
+
+    def sevens(params, c, impl, o, state):
+        tok = jnp.full_like(state.n, 7)
+        state, kept = append(state, tok[:, None], jnp.ones_like(state.n), o.eos_id, o.stop)
+        return state.replace(forwards=state.forwards + 1), {"kept": kept, "next": tok}
+    try:
+        samplers.register(dataclasses.replace(samplers.get("ar"), name="x"))
+        first = generate(model, ROWS, sampler="x", max_new_tokens=24)
+        samplers.register(samplers.Sampler("x", sevens, query_tokens=lambda o: (1,),
+                                           expected_tokens_per_step=lambda beta, o: 1.0))
+        second = generate(model, ROWS, sampler="x", max_new_tokens=24)
+    finally:
+        del samplers.SAMPLERS["x"]
+    assert first.tokens == ar_ref and second.tokens == [[7] * 24] * 3
+    with pytest.raises(ValueError, match="unknown sampler 'x'"):
+        generate(model, ROWS, sampler="x", max_new_tokens=2)
+
+
+def test_options_are_validated_once_with_clear_errors(model):
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        generate(model, ROWS, sampler="two_forward", block_size=0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="'epsilon' is not an option of acceptance 'greedy'"):
+        generate(model, ROWS, sampler="two_forward", epsilon=0.1, max_new_tokens=2)
+    with pytest.raises(ValueError, match="unknown acceptance 'nope'"):
+        generate(model, ROWS, sampler="two_forward", acceptance="nope", max_new_tokens=2)
+    o = DecodeOptions.make(acceptance="typical", epsilon=0.2, levels=[0, 2], block_size=None)
+    assert (o.rule_options, o.levels, o.block_size, o.rule) == \
+        ((("epsilon", 0.2),), (0, 2), 16, acceptance.ACCEPTANCE["typical"])
+    assert hash(o) == hash(DecodeOptions.make(acceptance="typical", epsilon=0.2, levels=(0, 2)))

@@ -11,6 +11,14 @@ Dimension letters used as shape suffixes in names (``x_BTD`` is [batch, tokens, 
   F  expert intermediate size           V  vocabulary
   L  layers (params of all layers are stacked on a leading L axis and scanned)
 
+Decoding (``zaya.decode``):
+
+  N  drafts per block (``block_size``)  M  generated-token budget (``max_new_tokens``)
+  P  proposals of single_forward (one per acceptance level)
+
+A row's cache length is a value, not a dimension: ``length_B``. "accepted" always counts accepted drafts; the
+tokens a step really appends are "kept".
+
 Mesh axes (``zaya.sharding``): ``data`` (pure data parallel), ``fsdp`` (data parallel with sharded weights),
 ``tensor`` (Megatron-style heads / hidden-of-MLP split), ``expert`` (expert parallel). Params carry *logical*
 axis names (``embed``, ``vocab``, ``heads``, ``kv``, ``mlp``, ``experts`` ...) and a rule table in the config maps
@@ -21,5 +29,5 @@ transposes. Dtypes: weights and matmuls in the param dtype (bf16 in production),
 softmax and logits in fp32.
 """
 
-DIM_LETTERS = "BTSDHKGdCREFVL"
+DIM_LETTERS = "BTSDHKGdCREFVLNMP"
 MESH_AXES = ("data", "fsdp", "tensor", "expert")

@@ -1,26 +1,5 @@
-"""A memory-traffic (roofline) model of one decode step of a ZAYA1-style MoE under each block sampler.
-
-For a config (ZayaConfig), hardware (HBM bandwidth W, peak FLOP/s F, a fixed per-forward overhead), batch B,
-context L, block size K and proposal levels, every forward of T new tokens per row costs
-
-  bytes  = weights touched + per-row KV/conv state read + new states written + activations and logits written
-  FLOPs  = B*T*(2*active matmul params + 2*V*D lm_head) + B*T*n_layers*4*H*d*(L + T)      (attention: QK^T and PV)
-  t      = max(bytes / W, FLOPs / F) + overhead
-
-with the weights read once per forward: the attention, router, norm and embedding weights always, and for the MoE
-only the experts hit by the forward's B*T tokens, E*(1-(1-1/E)^(B*T)) per layer in expectation under uniform
-top-1 routing (moe="distinct"; moe="dense" is every expert on every token, which is how jax lowers
-``ragged_dot`` on CPU). A decode step is one or more forwards:
-
-  ar              1 forward,  T = 1                       tokens/step 1
-  two_forward     2 forwards, T = K+1 each                tokens/step (1-b^(K+1))/(1-b)
-  single_forward  1 forward,  T = (K+1)(1+P)              dense levels: as TF; sparse levels: a Markov chain (below)
-  tidar           1 forward,  T = b + b^2                 tokens/step (1-b^b)/(1-b)      (b = K, no bonus token)
-
-with i.i.d. per-position acceptance beta. With sparse levels the proposal chosen after n accepted drafts is the
-one at the largest level l <= n, shifted by n - l, so the next step has only K - (n - l) valid drafts (the rest are
-mask ids that are never accepted); the expected tokens/step is the stationary mean of that chain.
-The speedup bound over AR is E[tokens/step] * t_AR_step / t_step (AR's bound is 1 by construction).
+"""The roofline report: predicted-vs-measured forward costs on this CPU, the ZAYA1-8B speedup tables, the knee
+table, the sensitivity table and the speedup-vs-batch plot, from the pure model in ``zaya.bench.roofline_model``.
 
 Formulas, hardware sources and the ZAYA1-8B tables: experiments/results/roofline.md.
 CLI: python -m zaya.bench.roofline [--out DIR] [--forward-json forward.json] [--quick]
@@ -30,46 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import time
 
 import numpy as np
 
-from zaya.config import ZayaConfig
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Hardware.
-
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-    name: str
-    bandwidth: float        # HBM (or DRAM) bytes/s
-    peak_flops: float       # dense FLOP/s at the model's dtype (bf16 on accelerators)
-    memory: float | None = None   # bytes of device memory (None: unknown/ignored)
-    overhead: float = 0.0   # fixed seconds per forward (kernel launches, host sync, sampling)
-    source: str = ""
-
-    @property
-    def ridge(self) -> float:
-        """FLOP per byte at which compute and memory time are equal."""
-        return self.peak_flops / self.bandwidth
-
-
-GPU_OVERHEAD = 200e-6  # assumed fixed cost per forward on accelerators (see roofline.md: sensitivity table)
-
-# Vendor numbers: dense (no 2:4 sparsity) BF16 tensor/matrix peak, HBM bandwidth, capacity. Sources in roofline.md.
-HARDWARE = {
-    "H100": Hardware("H100 SXM", 3.35e12, 989.4e12, 80e9, GPU_OVERHEAD,
-                     "NVIDIA H100 datasheet: BF16 1,979 TFLOPS with sparsity (989 dense), 3.35 TB/s HBM3, 80 GB"),
-    "H200": Hardware("H200 SXM", 4.8e12, 989.4e12, 141e9, GPU_OVERHEAD,
-                     "NVIDIA H200 datasheet: BF16 1,979 TFLOPS with sparsity (989 dense), 4.8 TB/s HBM3e, 141 GB"),
-    "MI300X": Hardware("MI300X", 5.3e12, 1307.4e12, 192e9, GPU_OVERHEAD,
-                       "AMD Instinct MI300X datasheet: BF16 1,307.4 TFLOPS dense (2,614.9 sparse), 5.3 TB/s, 192 GB"),
-    "MI355X": Hardware("MI355X", 8.0e12, 2516.6e12, 288e9, GPU_OVERHEAD,
-                       "AMD Instinct MI355X datasheet: BF16 2.5 PFLOPS dense (5.0 sparse), 8 TB/s HBM3E, 288 GB"),
-}
+from zaya.bench.roofline_model import (GPU_OVERHEAD, HARDWARE, Hardware, fit_efficiency, fits, forward_cost,
+                                       knee_tokens, step_cost)
 
 
 def measure_cpu(size_mb: int = 256, matmul: int = 1024, repeats: int = 5) -> Hardware:
@@ -113,200 +59,7 @@ def measure_cpu(size_mb: int = 256, matmul: int = 1024, repeats: int = 5) -> Har
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Model sizes from the parameter tree.
-
-def _itemsize(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    nonexpert_bytes: float     # every weight except the experts (embedding/lm_head, attention, router, norms)
-    expert_bytes: float        # one expert of one layer
-    matmul_params_per_token: float  # non-expert matmul params one token multiplies through (lm_head included)
-    expert_params: float       # one expert of one layer (3*D*F)
-    state_read_per_row: float  # conv state + delayed value read per row per forward (all layers), bytes
-    kv_per_token: float        # K and V bytes per cached token (all layers)
-    new_state_per_token: float  # k, v, conv input and delayed value written per new token (all layers), bytes
-    act_per_token: float       # activations + fp32 logits written per new token, bytes
-
-
-def sizes(c: ZayaConfig, kv_dtype: str | None = None) -> Sizes:
-    from zaya.model.params import param_shapes
-    s = _itemsize(c.dtype)
-    skv = _itemsize(kv_dtype or c.dtype)
-    shapes = param_shapes(c)
-    import jax
-    leaves = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
-    total = exp = 0
-    for path, shp in leaves:
-        names = [p.key for p in path]
-        n = int(np.prod(shp))
-        if "experts" in names:
-            exp += n
-        else:
-            total += n * (4 if names[-1] == "bias" and "router" in names else s)
-    Lyr, D, H, Kh, d = c.num_layers, c.hidden_size, c.num_q_heads, c.num_kv_heads, c.head_dim
-    E, F, R, V, C = c.num_experts, c.moe_intermediate_size, c.router_hidden_size, c.vocab_size, c.conv_channels
-    per_layer_mm = (D * (H * d + Kh * d + Kh * d)   # q, k, v_cur + v_del
-                    + H * d * D                     # o
-                    + 2 * (H + Kh) * d * d          # grouped conv2, 2 taps
-                    + D * R + 2 * R * R + R * (E + 1))  # router MLP
-    return Sizes(
-        nonexpert_bytes=float(total),
-        expert_bytes=float(exp * s / (Lyr * E)),
-        matmul_params_per_token=float(Lyr * per_layer_mm + V * D),
-        expert_params=float(3 * D * F),
-        state_read_per_row=float(Lyr * (2 * C + Kh * d // 2) * skv),
-        kv_per_token=float(Lyr * 2 * Kh * d * skv),
-        new_state_per_token=float(Lyr * (2 * Kh * d + C + Kh * d // 2) * skv),
-        act_per_token=float(Lyr * (8 * D * 4 + (2 * H * d + 2 * Kh * d) * s + 3 * F * s) + V * 4),
-    )
-
-
-def expected_distinct_experts(E: int, n_tokens: float) -> float:
-    """Expected number of distinct experts hit by n tokens under uniform top-1 routing: E*(1-(1-1/E)^n)."""
-    if n_tokens <= 0:
-        return 0.0
-    return E * (1.0 - (1.0 - 1.0 / E) ** n_tokens)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# One forward.
-
-def forward_cost(c: ZayaConfig, hw: Hardware, batch: int, T: int, context: int, moe: str = "distinct",
-                 chunk_keys: str = "dense", kv_dtype: str | None = None, logits: bool = True,
-                 materialized_scores: bool = False) -> dict:
-    """Bytes, FLOPs and time of one forward of ``T`` new tokens per row for ``batch`` rows after ``context`` cached
-    tokens. moe: 'distinct' (only the experts hit) or 'dense' (every expert on every token). chunk_keys: 'dense'
-    (each new token scores all T chunk keys, as a masked dense chunk) or 'causal' (T/2 on average).
-    materialized_scores: the fp32 score and probability matrices go through memory (the reference attention;
-    16 bytes per score: two writes and two reads), instead of staying on chip (flash-style kernels)."""
-    z = sizes(c, kv_dtype)
-    N = batch * T
-    E = c.num_experts
-    if moe == "distinct":
-        hit, experts_per_token = expected_distinct_experts(E, N), 1
-    elif moe == "dense":
-        hit, experts_per_token = (float(E) if N > 0 else 0.0), E
-    else:
-        raise ValueError(f"moe={moe!r}; use 'distinct' or 'dense'")
-    weights = z.nonexpert_bytes + c.num_layers * hit * z.expert_bytes
-    kv = batch * (context * z.kv_per_token + z.state_read_per_row)
-    act_tok = z.act_per_token - (0 if logits else c.vocab_size * 4)
-    if moe == "dense":  # the dense lowering materialises [E, N, D] inputs and [E, N, 3F] hidden states
-        act_tok += c.num_layers * (E - 1) * (c.hidden_size + 3 * c.moe_intermediate_size) * _itemsize(c.dtype)
-    keys = context + (T if chunk_keys == "dense" else (T + 1) / 2)
-    if materialized_scores:
-        act_tok += c.num_layers * c.num_q_heads * keys * 16
-    written = N * (z.new_state_per_token + act_tok)
-    flops_mm = 2.0 * N * (z.matmul_params_per_token + experts_per_token * z.expert_params)
-    flops_attn = 4.0 * N * c.num_layers * c.num_q_heads * c.head_dim * keys
-    nbytes = weights + kv + written
-    flops = flops_mm + flops_attn
-    t_mem, t_cmp = nbytes / hw.bandwidth, flops / hw.peak_flops
-    return {"T": T, "batch": batch, "context": context, "tokens": N, "experts_hit": hit,
-            "bytes": nbytes, "weight_bytes": weights, "kv_bytes": kv, "written_bytes": written,
-            "flops": flops, "t_mem": t_mem, "t_compute": t_cmp, "seconds": max(t_mem, t_cmp) + hw.overhead,
-            "bound": "memory" if t_mem >= t_cmp else "compute", "intensity": flops / nbytes}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tokens per step.
-
-def tokens_per_step_iid(beta: float, drafts: int) -> float:
-    """E[1 + accepted] with `drafts` drafts and i.i.d. acceptance beta: (1 - beta^(drafts+1)) / (1 - beta)."""
-    if beta >= 1.0:
-        return float(drafts + 1)
-    return (1.0 - beta ** (drafts + 1)) / (1.0 - beta)
-
-
-def tokens_per_step_levels(beta: float, K: int, levels) -> float:
-    """Stationary E[tokens/step] of the single-forward sampler with proposal ``levels`` (see module doc)."""
-    lv = sorted(set(int(x) for x in levels))
-    if lv[0] != 0:
-        raise ValueError("levels must include 0")
-    lvl_of = [max(l for l in lv if l <= n) for n in range(K + 1)]
-    P = np.zeros((K + 1, K + 1))  # state m = number of valid drafts this step
-    for m in range(K + 1):
-        for n in range(m + 1):
-            p = beta ** n * ((1 - beta) if n < m else 1.0)
-            P[m, K - (n - lvl_of[n])] += p
-    pi = np.zeros(K + 1)
-    pi[K] = 1.0
-    for _ in range(10000):
-        nxt = pi @ P
-        if np.abs(nxt - pi).max() < 1e-14:
-            pi = nxt
-            break
-        pi = nxt
-    return float(sum(pi[m] * tokens_per_step_iid(beta, m) for m in range(K + 1)))
-
-
-def sampler_forwards(sampler: str, K: int, levels=None) -> list[int]:
-    """Query tokens per row of each forward of one step."""
-    if sampler == "ar":
-        return [1]
-    if sampler == "two_forward":
-        return [K + 1, K + 1]
-    if sampler == "single_forward":
-        P = K + 1 if levels is None else len(levels)
-        return [(K + 1) * (1 + P)]
-    if sampler == "tidar":
-        return [K + K * K]
-    raise ValueError(f"unknown sampler {sampler!r}")
-
-
-def tokens_per_step(sampler: str, beta: float, K: int, levels=None) -> float:
-    if sampler == "ar":
-        return 1.0
-    if sampler == "two_forward" or (sampler == "single_forward" and levels is None):
-        return tokens_per_step_iid(beta, K)
-    if sampler == "single_forward":
-        return tokens_per_step_levels(beta, K, levels)
-    if sampler == "tidar":
-        return tokens_per_step_iid(beta, K - 1)
-    raise ValueError(f"unknown sampler {sampler!r}")
-
-
-def step_cost(c: ZayaConfig, hw: Hardware, sampler: str, batch: int, context: int, K: int = 16, levels=None,
-              beta: float = 0.85, **kw) -> dict:
-    """Cost of one decode step of ``sampler`` and its speedup bound over AR at the same batch and context."""
-    fw = [forward_cost(c, hw, batch, T, context, **kw) for T in sampler_forwards(sampler, K, levels)]
-    ar = forward_cost(c, hw, batch, 1, context, **kw)
-    t = sum(f["seconds"] for f in fw)
-    e = tokens_per_step(sampler, beta, K, levels)
-    return {"sampler": sampler, "K": K, "levels": levels, "beta": beta, "batch": batch, "context": context,
-            "forwards": len(fw), "query_tokens": sum(sampler_forwards(sampler, K, levels)),
-            "bytes": sum(f["bytes"] for f in fw), "flops": sum(f["flops"] for f in fw), "seconds": t,
-            "ar_seconds": ar["seconds"], "cost_ratio": t / ar["seconds"], "tokens_per_step": e,
-            "speedup": e * ar["seconds"] / t, "bound": "+".join(dict.fromkeys(f["bound"] for f in fw)),
-            "tokens_per_s": batch * e / t, "ar_tokens_per_s": batch / ar["seconds"]}
-
-
-def fits(c: ZayaConfig, hw: Hardware, batch: int, context: int, slack_tokens: int = 300) -> bool:
-    """Weights + KV/conv cache of ``batch`` rows at ``context`` (+ slack) fit in one device's memory."""
-    if hw.memory is None:
-        return True
-    z = sizes(c)
-    weights = z.nonexpert_bytes + c.num_layers * c.num_experts * z.expert_bytes
-    return weights + batch * (context + slack_tokens) * z.kv_per_token <= hw.memory
-
-
-def knee_tokens(c: ZayaConfig, hw: Hardware, context: int = 0, moe: str = "distinct", batch: int = 1) -> int:
-    """Smallest number of new tokens per row (``batch`` rows) at which one forward becomes compute-bound."""
-    bound = lambda T: forward_cost(c, hw, batch, T, context, moe=moe)["bound"]
-    lo, hi = 1, 1 << 22
-    if bound(hi) == "memory":
-        return hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if bound(mid) == "compute":
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
+# Tables.
 
 def knee_table(hardware=("H100", "H200", "MI300X", "MI355X"), batches=(1, 16, 64), contexts=(4096, 32768, 131072)):
     """ZAYA1-8B bf16: query tokens per row at which one forward turns compute-bound."""
@@ -322,9 +75,6 @@ def knee_table(hardware=("H100", "H200", "MI300X", "MI355X"), batches=(1, 16, 64
         rows.append(r)
     return rows
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Tables.
 
 LAYOUTS_8B = [("TF K=16", "two_forward", None), ("SF 0,4,7,11", "single_forward", (0, 4, 7, 11)),
               ("SF dense", "single_forward", None), ("TiDAR b=16", "tidar", None)]
@@ -381,21 +131,6 @@ def sensitivity(hw_name: str = "MI355X", batch: int = 16, context: int = 131072,
                 r[name + " tok/step"] = st["tokens_per_step"]
             rows.append(r)
     return rows
-
-
-def fit_efficiency(bytes_, flops, seconds, max_bandwidth: float = np.inf, max_flops: float = np.inf
-                   ) -> tuple[float, float, float, float]:
-    """Least-squares fit (on log time) of t = o + max(bytes / W, flops / F) to measurements, with W and F at most
-    the machine's peaks and 0 < o <= the smallest time. Returns (W, F, o, max relative error of the fit)."""
-    from scipy.optimize import least_squares
-    b, f, t = (np.asarray(x, float) for x in (bytes_, flops, seconds))
-    model = lambda x: np.exp(x[2]) + np.maximum(b * np.exp(-x[0]), f * np.exp(-x[1]))
-    hi = np.array([np.log(max_bandwidth), np.log(max_flops), np.log(t.min())])
-    lo = np.array([-np.inf, -np.inf, np.log(t.min()) - 30])
-    x0 = np.minimum(np.log([b[0] / t[0], f[-1] / t[-1], 0.3 * t.min()]), hi - 1e-9)
-    r = least_squares(lambda x: np.log(model(x)) - np.log(t), x0, bounds=(lo, hi))
-    W, F, o = np.exp(r.x)
-    return float(W), float(F), float(o), float(np.abs(model(r.x) / t - 1).max())
 
 
 def cpu_comparison(forward_rows: list[dict], hw: Hardware, moe: str = "dense",

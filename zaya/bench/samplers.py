@@ -31,9 +31,9 @@ from zaya.bench import common
 BYTE_VOCAB = 261
 
 
-def sparse_levels(K: int) -> tuple[int, ...]:
+def sparse_levels(N: int) -> tuple[int, ...]:
     """Zyphra's best AMD levels (0, 4, 7, 11) at K=16, scaled to other block sizes."""
-    return tuple(sorted({0} | {min(K, max(1, round(K * f))) for f in (0.25, 0.44, 0.69)}))
+    return tuple(sorted({0} | {min(N, max(1, round(N * f))) for f in (0.25, 0.44, 0.69)}))
 
 
 def default_grid(quick: bool = False, block_sizes=None, batches=None, acceptances=None,
@@ -57,51 +57,50 @@ def default_grid(quick: bool = False, block_sizes=None, batches=None, acceptance
 
 def _grid(quick, block_sizes, batches, acceptances) -> list[dict]:
     if quick:
-        K = (block_sizes or (4,))[0]
-        return [dict(sampler="two_forward", block_size=K, levels=None, acceptance="greedy", batch=b)
+        N = (block_sizes or (4,))[0]
+        return [dict(sampler="two_forward", block_size=N, levels=None, acceptance="greedy", batch=b)
                 for b in (batches or (1,))] + \
-               [dict(sampler="single_forward", block_size=K, levels=sparse_levels(K), acceptance="greedy",
+               [dict(sampler="single_forward", block_size=N, levels=sparse_levels(N), acceptance="greedy",
                      batch=(batches or (1,))[0]),
-                dict(sampler="tidar", block_size=K, levels=None, acceptance="greedy", batch=(batches or (1,))[0])]
+                dict(sampler="tidar", block_size=N, levels=None, acceptance="greedy", batch=(batches or (1,))[0])]
     block_sizes = tuple(block_sizes or (4, 8, 16))
     batches = tuple(batches or (1, 8))
     acceptances = tuple(acceptances or ("greedy", "typical", "topk"))
-    Kmax, b0 = max(block_sizes), batches[0]
+    Nmax, b0 = max(block_sizes), batches[0]
     grid = []
-    for K in block_sizes:
-        grid += [dict(sampler="two_forward", block_size=K, levels=None, acceptance="greedy", batch=b0),
-                 dict(sampler="single_forward", block_size=K, levels=sparse_levels(K), acceptance="greedy", batch=b0),
-                 dict(sampler="single_forward", block_size=K, levels=None, acceptance="greedy", batch=b0),
-                 dict(sampler="tidar", block_size=K, levels=None, acceptance="greedy", batch=b0)]
+    for N in block_sizes:
+        grid += [dict(sampler="two_forward", block_size=N, levels=None, acceptance="greedy", batch=b0),
+                 dict(sampler="single_forward", block_size=N, levels=sparse_levels(N), acceptance="greedy", batch=b0),
+                 dict(sampler="single_forward", block_size=N, levels=None, acceptance="greedy", batch=b0),
+                 dict(sampler="tidar", block_size=N, levels=None, acceptance="greedy", batch=b0)]
     for acc in acceptances:
         if acc == "greedy":
             continue
-        for s, lv in (("two_forward", None), ("single_forward", sparse_levels(Kmax))):
-            grid.append(dict(sampler=s, block_size=Kmax, levels=lv, acceptance=acc, batch=b0))
+        for s, lv in (("two_forward", None), ("single_forward", sparse_levels(Nmax))):
+            grid.append(dict(sampler=s, block_size=Nmax, levels=lv, acceptance=acc, batch=b0))
     for b in batches[1:]:
-        for s, lv in (("two_forward", None), ("single_forward", sparse_levels(Kmax)), ("tidar", None)):
-            grid.append(dict(sampler=s, block_size=Kmax, levels=lv, acceptance="greedy", batch=b))
+        for s, lv in (("two_forward", None), ("single_forward", sparse_levels(Nmax)), ("tidar", None)):
+            grid.append(dict(sampler=s, block_size=Nmax, levels=lv, acceptance="greedy", batch=b))
     return grid
 
 
+def _sampler_options(cfg: dict):
+    """(the registered sampler, its DecodeOptions) of one grid configuration."""
+    from zaya.decode import samplers as registry
+    smp = registry.get(cfg["sampler"])
+    return smp, smp.options(**_opts(cfg))
+
+
 def label(cfg: dict) -> str:
-    K, s = cfg["block_size"], cfg["sampler"]
-    if s == "two_forward":
-        return f"TF K={K}" + (" mask-anchor" if cfg.get("anchor") == "mask" else "")
-    if s == "tidar":
-        return f"TiDAR b={K}"
-    if s == "single_forward":
-        lv = cfg.get("levels")
-        return f"SF K={K} dense" if lv is None else f"SF K={K} L={','.join(map(str, lv))}"
-    return s
+    """The configuration's name in the tables (the registered sampler's ``label``), e.g. 'TF K=16'."""
+    smp, o = _sampler_options(cfg)
+    return smp.describe(o)[0]
 
 
 def layout_name(cfg: dict) -> str:
-    s = cfg["sampler"]
-    if s == "single_forward":
-        lv = cfg.get("levels")
-        return "SF dense" if lv is None else ("SF L=0" if tuple(lv) == (0,) else "SF sparse")
-    return {"two_forward": "TF", "tidar": "TiDAR"}.get(s, s)
+    """The layout's name in the plots (the registered sampler's ``layout``), e.g. 'SF sparse'."""
+    smp, o = _sampler_options(cfg)
+    return smp.describe(o)[1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def make_prompts(cfg, n: int, source: str = "auto", seed: int = 0, length: int =
 # One configuration against AR.
 
 def _opts(cfg: dict) -> dict:
-    o = dict(block_size=cfg["block_size"], acceptance=cfg.get("acceptance", "greedy"))
+    o = dict(block_size=cfg.get("block_size"), acceptance=cfg.get("acceptance", "greedy"))
     if cfg.get("levels") is not None:
         o["levels"] = tuple(cfg["levels"])
     for k in ("mix_weight", "anchor", "draft_temperature", "block_causal"):
@@ -212,7 +211,9 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
     step_s, ar_step_s = sec / max(st["steps"], 1), ar_sec / max(ar_st["steps"], 1)
     # With perfect drafts (every block fully accepted), at this layout's measured cost per step: how much of the gap
     # to AR is drafting quality and how much is the step's cost on this machine.
-    best = oracle_steps(res, cfg["block_size"] + 1) if cfg["sampler"] in ("two_forward", "single_forward") else None
+    smp, o = _sampler_options(cfg)
+    perfect = None if smp.perfect_tokens_per_step is None else smp.perfect_tokens_per_step(o)
+    best = None if perfect is None else oracle_steps(res, perfect)
     e2e, ar_e2e = statistics.median(np.add(s_s, s_pre)), statistics.median(np.add(ar_s, ar_pre))
     return {
         "config": label(cfg), "layout": layout_name(cfg), "sampler": cfg["sampler"], "block_size": cfg["block_size"],

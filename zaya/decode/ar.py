@@ -6,20 +6,22 @@ import jax.numpy as jnp
 
 from zaya import layouts
 from zaya.config import ZayaConfig
+from zaya.decode.options import DecodeOptions
 from zaya.decode.sampling import sample
+from zaya.decode.samplers import Sampler, register
 from zaya.decode.state import State, append
 from zaya.model.cache import commit
 from zaya.model.transformer import Impl, apply
 
 
-def step(params, c: ZayaConfig, impl: Impl, opts: dict, state: State) -> tuple[State, dict]:
+def step(params, c: ZayaConfig, impl: Impl, o: DecodeOptions, state: State) -> tuple[State, dict]:
     """Sample the next token from the current logits, commit it, and compute the logits after it.
 
     The forward is skipped once every row is done: its logits would never be read, and counting it would charge AR
     one forward per prompt that the block samplers (whose steps end with the acceptance) never pay."""
     key, sub = jax.random.split(state.key)
-    tok = sample(state.logits, sub, opts["temperature"], opts["top_k"], opts["top_p"])
-    state, kept = append(state, tok[:, None], jnp.ones_like(state.n), opts["eos_id"], opts.get("stop"))
+    tok = sample(state.logits, sub, o.temperature, o.top_k, o.top_p)
+    state, kept = append(state, tok[:, None], jnp.ones_like(state.n), o.eos_id, o.stop)
     B = tok.shape[0]
 
     def forward(state):
@@ -29,4 +31,7 @@ def step(params, c: ZayaConfig, impl: Impl, opts: dict, state: State) -> tuple[S
         return state.replace(cache=cache, logits=logits[:, 0], forwards=state.forwards + 1)
 
     state = jax.lax.cond(state.done.all(), lambda s: s, forward, state)
-    return state.replace(key=key), {"accepted": kept, "next": tok}
+    return state.replace(key=key), {"kept": kept, "next": tok}
+
+
+AR = register(Sampler("ar", step, query_tokens=lambda o: (1,), expected_tokens_per_step=lambda beta, o: 1.0))

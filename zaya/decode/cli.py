@@ -126,7 +126,7 @@ def rule_options(items: list[str] | None, acceptance: str) -> dict:
 def check(a, model) -> dict:
     """Everything zaya.generate needs from the flags, checked against the model and registries. ValueError if bad."""
     from zaya.decode.acceptance import ACCEPTANCE
-    from zaya.decode.generate import SAMPLERS
+    from zaya.decode.samplers import SAMPLERS
     c = model.config
     if a.sampler not in SAMPLERS:
         raise ValueError(f"--sampler {a.sampler!r}: choose one of {', '.join(sorted(SAMPLERS))}")

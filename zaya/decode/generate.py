@@ -1,7 +1,10 @@
-"""``zaya.generate``: prompts in, generated ids per row and statistics out, for every sampler.
+"""``zaya.generate``: prompts in, generated ids per row and statistics out, for every registered sampler.
 
-Samplers are step functions ``step(params, config, impl, opts, state) -> (state, info)`` registered in SAMPLERS;
-each step is jitted once per (sampler, options) and driven by a Python loop with a progress bar.
+A sampler is a ``zaya.decode.samplers.Sampler`` record; its step ``step(params, config, impl, o, state) -> (state,
+info)`` is jitted once per (sampler record, config, impl, options) and driven by a Python loop with a progress bar
+(or by one ``lax.while_loop``). The options ``o`` are one ``DecodeOptions``, validated once per call. With
+``Model.mesh`` set, the rows (prompt, cache, state) are split over the mesh's batch axes and the weights stay where
+``zaya.load`` put them (tensor / expert axes): XLA partitions every step from those placements.
 """
 from __future__ import annotations
 
@@ -13,19 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zaya.decode import ar, single_forward, tidar, two_forward
+from zaya.decode import samplers as registry
+from zaya.decode.options import DecodeOptions
+from zaya.decode.samplers import Sampler
 from zaya.decode.state import State, prefill
 from zaya.model.cache import init_cache
 from zaya.progress import tqdm
-
-SAMPLERS = {"ar": ar, "two_forward": two_forward, "single_forward": single_forward, "tidar": tidar}
 
 
 @dataclasses.dataclass
 class Result:
     tokens: list            # generated ids per row (EOS included when hit)
     stats: dict             # forwards, tokens, seconds, tokens_per_s, tokens_per_forward, ...
-    trace: list | None = None  # with trace=True: per step, per row {drafts, accepted, next, active}
+    trace: list | None = None  # trace=True: per step, per row {next, kept} (+ drafts, accepted, active: block)
 
     def __iter__(self):  # `tokens, stats = zaya.generate(...)`
         return iter((self.tokens, self.stats))
@@ -53,22 +56,22 @@ def _compiled(cache: dict, fn, args):
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(sampler: str, cfg, impl, opts_items):
-    opts = dict(opts_items)
-    mod = SAMPLERS[sampler]
-    step = jax.jit(lambda params, state: mod.step(params, cfg, impl, opts, state), donate_argnums=(1,))
-    init = getattr(mod, "init", None)
-    fused = getattr(mod, "prefill", None)  # a sampler's own prefill (first drafts in the same forward), if any
-    if fused is not None and mod.fuses_prefill(opts):
+def _jitted(smp: Sampler, cfg, impl, o: DecodeOptions):
+    """The jitted prefill, init, step and device loop of one sampler for one set of options. Keyed on the sampler
+    record and the options (which hold the resolved acceptance rule), not on names: a sampler or rule registered
+    again under the same name gets new functions."""
+    step = jax.jit(lambda params, state: smp.step(params, cfg, impl, o, state), donate_argnums=(1,))
+    init = smp.init
+    if smp.uses_prefill(o):  # the sampler's own prefill (e.g. first drafts in the same forward)
         init = None
-        pre = jax.jit(lambda params, prompt, lengths, cache, key: fused(params, cfg, impl, opts, prompt, lengths,
-                                                                        cache, opts["max_new"], key))
+        pre = jax.jit(lambda params, prompt, length, cache, key: smp.prefill(params, cfg, impl, o, prompt, length,
+                                                                           cache, key))
     else:
-        pre = jax.jit(lambda params, prompt, lengths, cache, key: prefill(params, cfg, impl, prompt, lengths, cache,
-                                                                           opts["max_new"], key))
-    init_j = None if init is None else jax.jit(lambda params, state: init(params, cfg, impl, opts, state))
-    loop = jax.jit(lambda params, state: run_on_device(lambda s: mod.step(params, cfg, impl, opts, s), state,
-                                                       opts["max_new"]), donate_argnums=(1,))
+        pre = jax.jit(lambda params, prompt, length, cache, key: prefill(params, cfg, impl, prompt, length, cache,
+                                                                         o.max_new_tokens, key))
+    init_j = None if init is None else jax.jit(lambda params, state: init(params, cfg, impl, o, state))
+    loop = jax.jit(lambda params, state: run_on_device(lambda s: smp.step(params, cfg, impl, o, s), state,
+                                                       o.max_new_tokens), donate_argnums=(1,))
     return pre, init_j, step, loop, {}
 
 
@@ -97,38 +100,36 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
              loop: str = "host", **sampler_opts) -> Result:
     """Generate up to ``max_new_tokens`` per row. Returns Result(tokens per row, stats).
 
-    sampler: one of SAMPLERS ("ar" here; block samplers register themselves). Rows stop independently on
-    ``eos_id``, on a ``stop`` sequence (list of id lists) or on the budget. ``trace=True`` keeps every step's
-    drafts, accepted counts and next tokens (for notebooks and debugging). ``pad_to``: the padded prompt length is
-    rounded up to a multiple of it, so prompts of similar lengths share one compiled prefill and step.
-    ``loop``: "host" (a Python loop, one sync per step, live progress bar) or "device" (all steps in one
-    ``lax.while_loop`` executable: no per-step dispatch or sync; same tokens and statistics).
+    sampler: a name registered in ``zaya.decode.samplers`` (ar, two_forward, single_forward, tidar, or your own).
+    Rows stop independently on ``eos_id``, on a ``stop`` sequence (list of id lists) or on the budget.
+    ``sampler_opts``: the block samplers' fields of ``DecodeOptions`` (block_size, acceptance, levels, ...) and the
+    acceptance rule's own options (e.g. epsilon). ``trace=True`` keeps every step's drafts, accepted counts and next
+    tokens (for notebooks and debugging). ``pad_to``: the padded prompt length is rounded up to a multiple of it, so
+    prompts of similar lengths share one compiled prefill and step. ``loop``: "host" (a Python loop, one sync per
+    step, live progress bar) or "device" (all steps in one ``lax.while_loop`` executable: no per-step dispatch or
+    sync; same tokens and statistics).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
+    smp = registry.get(sampler)
     if loop not in ("host", "device"):
         raise ValueError(f"loop={loop!r}; use 'host' (Python loop, progress bar) or 'device' (one lax.while_loop)")
+    o = smp.options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                    stop=stop, **sampler_opts)  # the one validation of this call
     cfg, params, impl = model.config, model.params, model.impl
     rows = _as_rows(prompt_ids)
     pad_to = max(int(pad_to), 1)
     B, Tp = len(rows), -(-max(map(len, rows)) // pad_to) * pad_to
     if any(t < 0 or t >= cfg.vocab_size for r in rows for t in r):
         raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size})")
-    mod = SAMPLERS[sampler]
-    slack = getattr(mod, "cache_slack", lambda o: 1)(sampler_opts)
-    opts = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id, max_new=max_new_tokens,
-                stop=tuple(tuple(int(t) for t in s) for s in stop) if stop else None, **sampler_opts)
-    opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
-    pre, init, step, run, compiled = _jitted(sampler, cfg, impl, tuple(sorted(opts.items())))
+    pre, init, step, run, compiled = _jitted(smp, cfg, impl, o)
 
     prompt = np.full((B, Tp), cfg.pad_token_id, np.int32)
     for b, r in enumerate(rows):
         prompt[b, : len(r)] = r
-    lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
-    cache = init_cache(cfg, B, Tp + max_new_tokens + slack)
-    args = (params, jnp.asarray(prompt), lengths, cache, jax.random.PRNGKey(seed))
+    length_B = jnp.asarray([len(r) for r in rows], jnp.int32)
+    cache = init_cache(cfg, B, Tp + max_new_tokens + smp.cache_slack(o))
+    args = (params, jnp.asarray(prompt), length_B, cache, jax.random.PRNGKey(seed))
+    if getattr(model, "mesh", None) is not None:
+        args = _on_mesh(model, args)
     pre_c = _compiled(compiled, pre, args)  # compile outside the timed region
     t0 = time.perf_counter()
     state: State = pre_c(*args)
@@ -167,10 +168,19 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
              "seconds": t2 - t1, "prefill_seconds": prefill_s, "tokens_per_s": float(n.sum()) / max(t2 - t1, 1e-9),
              # tokens per forward counts the tokens the decode forwards produced (AR: exactly 1 at batch 1)
              "prefill_tokens": first, "tokens_per_forward": float(n.sum() - first) / max(forwards, 1) / B}
-    extra = getattr(mod, "summarize", None)
-    if extra is not None:
-        stats.update(extra(infos, opts))
+    if smp.summarize is not None:
+        stats.update(smp.summarize(infos, o))
     steps = None
     if trace:
         steps = [{k: np.asarray(v).tolist() for k, v in info.items()} for info in infos]
     return Result(tokens, stats, steps)
+
+
+def _on_mesh(model, args):
+    """Rows over the mesh's batch axes (prompt, lengths, cache), the key replicated; params are already placed."""
+    from zaya import sharding
+    params, prompt_BT, length_B, cache, key = args
+    mesh, rules, B = model.mesh, model.rules, prompt_BT.shape[0]
+    rows = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, rules, B, x.ndim))
+    return (params, rows(prompt_BT), rows(length_B), sharding.shard_cache(cache, mesh, rules),
+            jax.device_put(key, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
