@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from zaya.convert import checkpoint as ckpt
 from zaya.convert.hf import export_hf, load_hf
@@ -24,6 +25,9 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False):
         _check_tokenizer(tok, cfg.vocab_size)
     ckpt.save(dst, params, cfg, tokenizer=tok if os.path.exists(tok) else None, overwrite=overwrite)
     print(f"wrote {dst}: {cfg.num_layers} layers, {cfg.num_experts} experts, dtype {cfg.dtype}")
+    if not os.path.exists(tok):
+        print(f"zaya convert: note: {src} has no tokenizer.json, so {dst} has none: `zaya generate` takes id prompts "
+              f"only (copy the model's tokenizer.json into {dst} for text)", file=sys.stderr)
 
 
 def _check_tokenizer(path: str, vocab: int):
