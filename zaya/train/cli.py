@@ -1,7 +1,8 @@
 """``zaya train --config experiments/X.py:variant --workdir DIR [--config.a.b=value ...]``.
 
 Loads the config file, applies the overrides (``ml_collections.config_flags``: typed, locked, a typo fails with the
-closest field names), validates it and runs ``zaya.train.loop.train``. Running it again on the same workdir resumes from the latest checkpoint.
+closest field names), validates it and runs ``zaya.train.loop.train``. Running it again on the same workdir resumes
+from the latest checkpoint.
 Start-up errors (config, tokenizer/vocab, data, checkpoint mismatch) print one clear line and exit with status 2.
 """
 from __future__ import annotations
