@@ -7,7 +7,7 @@ layout) x acceptance rule x block size x proposal levels x batch. For every conf
   (committed tokens / query tokens computed), all from ``zaya.generate``'s stats;
 - WALL-CLOCK speedup over ``sampler='ar'`` on the same model, prompts, batch and token budget, measured in the same
   process, interleaved (ar, config, ar, config, ...), medians; compile excluded (``generate`` compiles before its
-  timers); the persistent XLA cache (``enable_compile_cache``, on for the CLI) saves recompiling across runs;
+  timers); the persistent XLA cache (``common.compile_cache``, on for the CLI) saves recompiling across runs;
 - whether the generated tokens equal AR's (the greedy lossless check; temperature 0). TiDAR's published layout has
   no bonus token (its block's first token comes from the diffusion slot), so it is not expected to equal AR.
 
