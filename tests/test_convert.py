@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import need_devices
 from safetensors.numpy import load_file
 
 import zaya
@@ -292,8 +293,7 @@ def test_load_converted_with_mesh(fixtures_dir, tmp_path):
     """zaya.load(convert output, mesh=...) restores straight onto the mesh (fsdp/tensor/expert), the params carry
     the rules' shardings (also after a dtype cast on load), and the sharded logits equal single-device ones."""
     from zaya import sharding
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (simulated) devices: conftest sets XLA_FLAGS before jax starts")
+    need_devices(8)
     src = os.path.join(fixtures_dir, "native")
     cli.convert(src, str(tmp_path / "f32"))
     cli.convert(src, str(tmp_path / "bf16"), dtype="bfloat16")

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
+from conftest import need_devices
 
 from zaya.config import ZayaConfig
 from zaya.model.params import init
@@ -66,8 +67,7 @@ def test_grad_accumulation_equals_full_batch_step(reference):
 
 def test_sharded_step_matches_single_device(reference):
     from zaya import sharding
-    if len(jax.devices()) < 4:
-        pytest.skip("needs 4 (simulated) devices")
+    need_devices(4)
     s0, tx, sched, batch, ref, mref = reference
     mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
     sh = st.state_shardings(CFG, tx, mesh)
