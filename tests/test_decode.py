@@ -81,3 +81,21 @@ def test_bad_prompts_are_refused(model):
         zaya.generate(model, [[10**6]], max_new_tokens=2)
     with pytest.raises(ValueError, match="unknown sampler"):
         zaya.generate(model, [[2]], sampler="nope")
+
+
+@pytest.mark.parametrize("sampler,kw", [("ar", {}), ("two_forward", dict(block_size=3))])
+def test_generate_on_the_model_mesh_equals_single_device(model, sampler, kw):
+    """Model.mesh set: rows split over data x fsdp, weights over tensor (8 simulated devices); same tokens and
+    statistics as one device."""
+    from zaya import sharding
+    from zaya.api import Model
+    if jax.device_count() < 8:
+        pytest.fail("needs 8 (simulated) devices: conftest sets XLA_FLAGS before jax starts")
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = Model(model.config, sharding.shard_params(model.params, model.config, mesh), mesh=mesh)
+    rows = [[2, 17, 301, 45], [2, 9, 511, 128, 3, 77, 260], [2, 5], [2, 40, 41]]
+    ref = zaya.generate(model, rows, sampler=sampler, max_new_tokens=6, **kw)
+    got = zaya.generate(sharded, rows, sampler=sampler, max_new_tokens=6, trace=True, **kw)
+    assert got.tokens == ref.tokens
+    assert got.stats["forwards"] == ref.stats["forwards"] and got.stats["steps"] == ref.stats["steps"]
+    assert len(sharded.params["embed"].sharding.device_set) == 8

@@ -46,33 +46,64 @@ def _as_rows(prompt_ids):
 
 
 def _compiled(cache: dict, fn, args):
-    """AOT-compiled executable of a jitted fn for these argument shapes, kept in ``cache`` (one dict per jitted fn
-    set, so it lives and dies with them: no stale entry can serve another config)."""
+    """AOT-compiled executable of a jitted fn for these argument shapes and placements (one device or a mesh), kept
+    in ``cache`` (one dict per jitted fn set, so it lives and dies with them: no stale entry can serve another
+    config)."""
     sig = (fn, str(jax.tree.structure(args)),
-           tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(args)))
+           tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))), getattr(x, "sharding", None))
+                 for x in jax.tree.leaves(args)))
     if sig not in cache:
         cache[sig] = fn.lower(*args).compile()
     return cache[sig]
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(smp: Sampler, cfg, impl, o: DecodeOptions):
+def _jitted(smp: Sampler, cfg, impl, o: DecodeOptions, mesh=None, rules=None):
     """The jitted prefill, init, step and device loop of one sampler for one set of options. Keyed on the sampler
     record and the options (which hold the resolved acceptance rule), not on names: a sampler or rule registered
-    again under the same name gets new functions."""
-    step = jax.jit(lambda params, state: smp.step(params, cfg, impl, o, state), donate_argnums=(1,))
+    again under the same name gets new functions. On a mesh every function returns the state in one placement
+    (rows over the batch axes), so each step's output is the next step's input."""
+    place = functools.partial(_place_state, mesh=mesh, rules=rules)
+
+    def step_fn(params, state):
+        state, info = smp.step(params, cfg, impl, o, state)
+        return place(state), info
+    step = jax.jit(step_fn, donate_argnums=(1,))
     init = smp.init
     if smp.uses_prefill(o):  # the sampler's own prefill (e.g. first drafts in the same forward)
         init = None
-        pre = jax.jit(lambda params, prompt, length, cache, key: smp.prefill(params, cfg, impl, o, prompt, length,
-                                                                           cache, key))
+        pre = jax.jit(lambda params, prompt, length, cache, key: place(smp.prefill(params, cfg, impl, o, prompt,
+                                                                                 length, cache, key)))
     else:
-        pre = jax.jit(lambda params, prompt, length, cache, key: prefill(params, cfg, impl, prompt, length, cache,
-                                                                         o.max_new_tokens, key))
-    init_j = None if init is None else jax.jit(lambda params, state: init(params, cfg, impl, o, state))
-    loop = jax.jit(lambda params, state: run_on_device(lambda s: smp.step(params, cfg, impl, o, s), state,
-                                                       o.max_new_tokens), donate_argnums=(1,))
+        pre = jax.jit(lambda params, prompt, length, cache, key: place(prefill(params, cfg, impl, prompt, length,
+                                                                               cache, o.max_new_tokens, key)))
+    init_j = None if init is None else jax.jit(lambda params, state: place(init(params, cfg, impl, o, state)))
+    loop = jax.jit(lambda params, state: run_on_device(lambda s: step_fn(params, s), state, o.max_new_tokens),
+                   donate_argnums=(1,))
     return pre, init_j, step, loop, {}
+
+
+def _place_state(state: State, mesh=None, rules=None) -> State:
+    """On a mesh: the cache as ``sharding.cache_shardings``, per-row arrays over the batch axes, the key and the
+    forward count replicated. Without one: the state as it is."""
+    if mesh is None:
+        return state
+    from zaya import sharding
+    B = state.n.shape[0]
+    put = jax.lax.with_sharding_constraint
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    new = {}
+    for f in dataclasses.fields(state):
+        x = getattr(state, f.name)
+        if x is None:
+            continue
+        if f.name == "cache":
+            new[f.name] = put(x, sharding.cache_shardings(mesh, x, rules))
+        elif f.name in ("key", "forwards"):
+            new[f.name] = put(x, replicated)
+        else:
+            new[f.name] = put(x, sharding.batch_sharding(mesh, rules, B, x.ndim))
+    return state.replace(**new)
 
 
 def run_on_device(step, state: State, max_steps: int):
@@ -120,7 +151,8 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     B, Tp = len(rows), -(-max(map(len, rows)) // pad_to) * pad_to
     if any(t < 0 or t >= cfg.vocab_size for r in rows for t in r):
         raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size})")
-    pre, init, step, run, compiled = _jitted(smp, cfg, impl, o)
+    mesh = getattr(model, "mesh", None)
+    pre, init, step, run, compiled = _jitted(smp, cfg, impl, o, mesh, getattr(model, "rules", None) if mesh else None)
 
     prompt = np.full((B, Tp), cfg.pad_token_id, np.int32)
     for b, r in enumerate(rows):
@@ -128,7 +160,7 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     length_B = jnp.asarray([len(r) for r in rows], jnp.int32)
     cache = init_cache(cfg, B, Tp + max_new_tokens + smp.cache_slack(o))
     args = (params, jnp.asarray(prompt), length_B, cache, jax.random.PRNGKey(seed))
-    if getattr(model, "mesh", None) is not None:
+    if mesh is not None:
         args = _on_mesh(model, args)
     pre_c = _compiled(compiled, pre, args)  # compile outside the timed region
     t0 = time.perf_counter()
