@@ -9,7 +9,8 @@ a tuple of mesh axes, or None (replicated). Rules are plain data (a tuple of pai
 spec, size-1 mesh axes are left out, and a mesh axis that does not divide the dim is dropped (the dim stays
 replicated along it), so one rule table serves the 8B model and the tiny test models alike.
 
-How the jitted functions split the work (``sharded_logits_fn``, ``sharded_forward_fn``):
+How the jitted functions split the work (``sharded_logits_fn``; ``zaya.generate`` on ``Model.mesh`` instead places the
+rows and the cache with ``batch_sharding`` / ``cache_shardings`` and lets XLA partition each step):
 
 * Batch axes (``data``, ``fsdp``) are *manual*: the model runs under ``jax.shard_map`` on each batch shard, with
   the params gathered over those axes at entry (fsdp weights are sharded at rest: params, optimizer state and
@@ -42,7 +43,7 @@ from zaya.config import ZayaConfig
 from zaya.conventions import MESH_AXES
 from zaya.model.cache import Cache
 from zaya.model.params import map_specs, param_specs
-from zaya.model.transformer import Impl, apply, forward
+from zaya.model.transformer import Impl, apply
 
 Rules = Sequence[tuple]
 
@@ -192,24 +193,3 @@ def cache_shardings(mesh: Mesh, cache: Cache, rules: Rules | None = None) -> Cac
 def shard_cache(cache: Cache, mesh: Mesh, rules: Rules | None = None) -> Cache:
     """Place a decode cache on ``mesh`` (``cache_shardings``)."""
     return jax.device_put(cache, cache_shardings(mesh, cache, rules))
-
-
-def sharded_forward_fn(config: ZayaConfig, mesh: Mesh, cache: Cache, rules: Rules | None = None,
-                       impl: Impl = Impl(), donate: bool = False):
-    """A jitted ``(params, cache, tokens_BT) -> (logits_BTV, cache')`` for prefill and decode steps on ``mesh``.
-
-    The T tokens of each row sit at positions ``cache.length[b] ..`` (plain causal layout) and are all committed,
-    so the same function prefills an empty cache and then decodes one token (or a chunk) at a time. ``cache``
-    (arrays or abstract structs) fixes the cache shardings; ``donate`` reuses the old cache's buffers.
-    """
-    cs = cache_shardings(mesh, cache, rules)
-    dp = _batch_axes(mesh, rules, cache.length.shape[0])
-    rows = Cache(**{n: P(*(None,) * (a.index("batch")), dp) for n, a in _CACHE_AXES.items()})
-
-    def local(params, cache, tokens_BT):
-        layout = layouts.causal(tokens_BT.shape[0], tokens_BT.shape[1], start=cache.length)
-        return forward(params, config, tokens_BT, layout, cache, None, impl)
-    f = _per_batch_shard(local, mesh, dp, (P(), rows, P(dp)), (P(dp), rows))
-    return jax.jit(f, in_shardings=(param_shardings(config, mesh, rules), cs, NamedSharding(mesh, P(dp))),
-                   out_shardings=(NamedSharding(mesh, P(dp)), cs), donate_argnums=(1,) if donate else ())
-
