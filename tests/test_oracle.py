@@ -21,6 +21,10 @@ from zaya.convert.hf import export_hf  # noqa: E402
 from zaya.convert.safetensors_io import read_tensor, scan_checkpoint  # noqa: E402
 
 TOL = 1e-4  # fp32 port vs fp32 reference, max abs logit difference
+# The same weights in transformers, loaded again (or on another CPU): torch's CPU kernels pick their blocking by
+# thread count, memory alignment and ISA, so fp32 logits (|z| ~ 15) move by a few ulps: 1.1e-5 seen here under
+# load. Bitwise weight equality is asserted separately (assert_same_tensors); this guards the exported config.
+RERUN_TOL = 5e-5
 
 # (layers, q heads, kv heads, head_dim, experts, vocab, rope theta, partial rotary factor, hidden, intermediate, router)
 CONFIGS = [
@@ -133,7 +137,7 @@ def test_random_config_matches_transformers(tmp_path, i):
     for folder in ("exp_cli", "exp_api"):
         assert_same_tensors(src, str(tmp_path / folder))
         back = torch_logits(load_torch(str(tmp_path / folder)), ids)
-        assert np.abs(back - reloaded).max() < 1e-5, f"{folder}: exported weights give different transformers logits"
+        assert np.abs(back - reloaded).max() < RERUN_TOL, f"{folder}: exported weights give different transformers logits"
 
 
 def test_zaya_folder_export_loads_in_transformers(tmp_path):
@@ -147,7 +151,7 @@ def test_zaya_folder_export_loads_in_transformers(tmp_path):
     cli.export(str(tmp_path / "z"), str(tmp_path / "out"), max_shard_gb=50_000 / 2**30)
     assert os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
     assert_same_tensors(str(tmp_path / "hf"), str(tmp_path / "out"))
-    assert np.abs(torch_logits(load_torch(str(tmp_path / "out")), ids) - ref).max() < 1e-5
+    assert np.abs(torch_logits(load_torch(str(tmp_path / "out")), ids) - ref).max() < RERUN_TOL
 
 
 def test_legacy_fixture_exports_to_native_transformers(fixtures_dir, tmp_path):
@@ -157,8 +161,9 @@ def test_legacy_fixture_exports_to_native_transformers(fixtures_dir, tmp_path):
     ids = np.load(os.path.join(src, "input_ids.npy"))
     ref = np.load(os.path.join(src, "logits.npy"))
     out = torch_logits(load_torch(str(tmp_path / "native")), ids)
-    # docs: 2.7e-6 (the native config has one eps, so the router norm moves from 1e-6 to 1e-5: ~2e-7)
-    assert np.abs(out - ref).max() < 1e-5
+    # 2.7e-6 on the machine that made the fixture (the native config has one eps, so the router norm moves from
+    # 1e-6 to 1e-5: ~2e-7); stored logits from another CPU: the rerun tolerance
+    assert np.abs(out - ref).max() < RERUN_TOL
     assert (out.argmax(-1) == ref.argmax(-1)).all()
 
 
@@ -167,7 +172,7 @@ def test_native_fixture_matches_transformers(fixtures_dir):
     src = os.path.join(fixtures_dir, "native")
     ids = np.load(os.path.join(src, "input_ids.npy"))
     out = torch_logits(load_torch(src), ids)
-    assert np.abs(out - np.load(os.path.join(src, "logits.npy"))).max() < 1e-5
+    assert np.abs(out - np.load(os.path.join(src, "logits.npy"))).max() < RERUN_TOL  # stored on another CPU
 
 
 def test_bf16_close_to_fp32(tmp_path):
