@@ -24,6 +24,7 @@ def test_greedy_counts_leading_matches():
     assert int(n[0]) == 3 and int(nxt[0]) == 3  # all accepted: bonus = argmax of the last position
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("q_kind", ["dirac", "sampled"])
 def test_rejection_first_token_is_exactly_p(q_kind):
     """One draft position: the emitted first token (draft if accepted else the residual draw) ~ p exactly."""
@@ -42,6 +43,7 @@ def test_rejection_first_token_is_exactly_p(q_kind):
     np.testing.assert_allclose(freq, [.05, .4, .1, .2, .15, .1], atol=4e-3)
 
 
+@pytest.mark.numerics
 def test_dirac_acceptance_rate_is_p_of_draft():
     z = jnp.log(jnp.array([[[.25, .75], [.5, .5]]]))
     keys = jax.random.split(jax.random.PRNGKey(2), 50_000)
@@ -159,6 +161,7 @@ def _chi2_pvalue(counts, joint):
 ALPHA = 1e-3  # significance level of the exactness tests (seeds are fixed, so the outcome is deterministic)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name,dirac,opts", [
     ("rejection", True, {"temperature": 1.0}),
     ("rejection", False, {"temperature": 1.0}),
@@ -172,6 +175,7 @@ def test_lossless_joint_over_chained_positions_and_bonus(name, dirac, opts):
     assert _chi2_pvalue(counts, _ar_joint(opts, 2)) > ALPHA
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["tidar_ratio", "typical"])
 def test_lossy_joint_differs_from_ar(name):
     """The same chi-square test has the power to reject: the lossy rules do not give the AR joint."""

@@ -302,6 +302,7 @@ def _pvalue(m, prompt, joint, **kw):
     return sps.chisquare(obs, exp).pvalue
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kw", [
     dict(sampler="ar"),
     dict(sampler="two_forward", block_size=2, acceptance="rejection"),
@@ -313,6 +314,7 @@ def test_lossless_samplers_match_ar_distribution(small_vocab, kw):
     assert _pvalue(*small_vocab, **kw) > ALPHA
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kw", [
     dict(sampler="two_forward", block_size=2, acceptance="typical", epsilon=0.5, delta=0.9),
     dict(sampler="two_forward", block_size=2, acceptance="rejection", mix_weight=0.2, draft_temperature=1.0),
