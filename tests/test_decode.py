@@ -69,7 +69,8 @@ def test_filter_logits_top_k_top_p():
     assert np.isfinite(np.asarray(z)).tolist() == [[True, True, False, False]]
     p = sampling.probs(logits, 1.0, top_p=0.7)
     np.testing.assert_allclose(np.asarray(p), [[2 / 3, 1 / 3, 0, 0]], atol=1e-6)
-    draws = jax.vmap(lambda k: sampling.sample(logits[0], k, 1.0, top_k=2))(jax.random.split(jax.random.PRNGKey(0), 4000))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    draws = jax.vmap(lambda k: sampling.sample(logits[0], k, 1.0, top_k=2))(keys)
     freq = np.bincount(np.asarray(draws), minlength=4) / 4000
     assert abs(freq[0] - 2 / 3) < 0.03 and freq[2:].sum() == 0
 

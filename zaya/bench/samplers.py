@@ -156,7 +156,8 @@ def pooled(results) -> dict:
     forwards, steps and seconds; acceptance and tokens/step pooled from the raw counts."""
     st = [r.stats for r in results]
     tok, rows = sum(s["tokens"] for s in st), sum(len(r.tokens) for r in results)
-    out = {"tokens": tok, "rows": rows, "forwards": sum(s["forwards"] for s in st), "steps": sum(s["steps"] for s in st),
+    out = {"tokens": tok, "rows": rows, "forwards": sum(s["forwards"] for s in st),
+           "steps": sum(s["steps"] for s in st),
            "seconds": sum(s["seconds"] for s in st), "prefill_seconds": sum(s["prefill_seconds"] for s in st),
            "tokens_per_forward": (tok - sum(s["prefill_tokens"] for s in st))
            / max(sum(s["forwards"] * len(r.tokens) for s, r in zip(st, results)), 1)}

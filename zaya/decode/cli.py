@@ -11,10 +11,12 @@ import jax
 
 import zaya
 from zaya.api import Model
+from zaya.decode.acceptance import ACCEPTANCE
 from zaya.model.params import init
 
-# Acceptance-rule knobs (zaya/decode/acceptance.py reads them from its options): name -> {key: type}.
-RULE_OPTIONS = {"typical": {"epsilon": float, "delta": float}, "topk": {"k": int, "r": float}}
+# Acceptance-rule knobs, as the rules declare them at registration (acceptance.register(..., options=...)):
+# name -> {key: type}.
+RULE_OPTIONS = {name: dict(rule.options) for name, rule in ACCEPTANCE.items() if rule.options}
 BLOCK_ONLY = ("draft_temperature", "mix_weight", "anchor", "rule_option", "levels")  # flags of the block samplers
 
 
@@ -103,8 +105,9 @@ def parse_stop(text: str, tok) -> list[int]:
 
 
 def rule_options(items: list[str] | None, acceptance: str) -> dict:
-    """['epsilon=0.1', ...] -> {'epsilon': 0.1}, typed by RULE_OPTIONS; unknown keys and bad values are errors."""
-    known = RULE_OPTIONS.get(acceptance, {})
+    """['epsilon=0.1', ...] -> {'epsilon': 0.1}, typed by the rule's registered options; unknown keys and bad values
+    are errors."""
+    known = dict(ACCEPTANCE[acceptance].options) if acceptance in ACCEPTANCE else {}
     out = {}
     for it in items or []:
         key, eq, val = it.partition("=")
@@ -125,7 +128,6 @@ def rule_options(items: list[str] | None, acceptance: str) -> dict:
 
 def check(a, model) -> dict:
     """Everything zaya.generate needs from the flags, checked against the model and registries. ValueError if bad."""
-    from zaya.decode.acceptance import ACCEPTANCE
     from zaya.decode.samplers import SAMPLERS
     c = model.config
     if a.sampler not in SAMPLERS:
