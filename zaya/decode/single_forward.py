@@ -23,11 +23,15 @@ from zaya.model.transformer import apply
 
 
 def levels_of(o: DecodeOptions) -> tuple[int, ...]:
-    N = o.block_size
-    lv = tuple(range(N + 1)) if o.levels is None else o.levels
+    """The proposal levels: ``o.levels`` or dense 0..N."""
+    return tuple(range(o.block_size + 1)) if o.levels is None else o.levels
+
+
+def check(o: DecodeOptions):
+    """Refuse bad levels when the options are built (once per generate call)."""
+    lv, N = levels_of(o), o.block_size
     if 0 not in lv or list(lv) != sorted(set(lv)) or lv[-1] > N:
         raise ValueError(f"levels {lv} must be increasing, unique, include 0 and stay <= block_size {N}")
-    return lv
 
 
 def step(params, c, impl, o: DecodeOptions, state: State):
@@ -109,4 +113,4 @@ SINGLE_FORWARD = register(Sampler(
     init=block.start,  # only without `prefill` (callers that prefill themselves): first token, a drafting forward
     cache_slack=block.cache_slack,
     summarize=lambda infos, o: block.summarize(infos, o.block_size, sum(query_tokens(o))),
-    check=levels_of, label=label, layout=layout, perfect_tokens_per_step=lambda o: o.block_size + 1))
+    check=check, label=label, layout=layout, perfect_tokens_per_step=lambda o: o.block_size + 1))
