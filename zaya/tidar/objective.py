@@ -1,4 +1,4 @@
-"""The TiDAR conversion objective (docs/tidar_and_samplers.md §1.2, §1.3, §7.1) as pure functions.
+"""The TiDAR conversion objective (TiDAR's training layout and loss, as Zyphra applied it) as pure functions.
 
 One backbone, one forward over ``[clean x_0..x_{S-1} | diffusion half]``:
 

@@ -1,6 +1,6 @@
 """Shared pieces of the experiment configs (``experiments/*.py``): the tiny CPU stand-ins and the full-size recipe.
 
-The published ZAYA1-8B-Diffusion-Preview recipe (docs/tidar_and_samplers.md §2.1): ZAYA1-base -> TiDAR diffusion
+The published ZAYA1-8B-Diffusion-Preview recipe (Zyphra's ZAYA1 diffusion report): ZAYA1-base -> TiDAR diffusion
 conversion, 600B tokens at 32k context -> native context extension, 500B tokens at 128k -> diffusion SFT; block
 size 16. Token budgets, context lengths and block size are published; the cluster shape, batch, learning rates and
 SFT budget below are our choices [I], sized for 64 nodes x 8 GPUs (Zyphra's run name says "64node").
