@@ -5,7 +5,7 @@
 
 ``verifier_logits[:, i]`` is the AR distribution for the position of draft i (i < N) and for the bonus position
 (i = N). ``draft_probs`` is None for an argmax ("Dirac") drafter. ``options`` is a dict of temperature / top_k /
-top_p and the rule's own knobs (declared at registration). Formulas: docs/tidar_and_samplers.md §4.
+top_p and the rule's own knobs (declared at registration). Formulas: each rule's docstring.
 
 Adding a criterion is one function plus ``@register("name")``. A rule that needs the drafter's logits registers
 with ``needs_inputs=True`` and is called with a sixth argument, ``RuleInputs`` (draft_logits: the drafting logits of
