@@ -170,6 +170,24 @@ def tidar_ratio(z, d, q, rng, o, inputs: RuleInputs):
     return n, _sample_rows(k_r, _at_dist(p, n))
 
 
+@register("synthetic", options={"beta": float})
+def synthetic(z, d, q, rng, o):
+    """For systems measurement only, lossy by design: each draft is accepted with probability ``beta`` (default
+    0.85), i.i.d., whatever the model says, so end-to-end speed is measured at a controlled acceptance with random
+    weights and set beside the roofline's i.i.d. bound. The next token is the verifier's at the first rejected
+    position (or the bonus): argmax at temperature 0, else sampled from the filtered distribution."""
+    beta = float(o.get("beta", 0.85))
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"acceptance 'synthetic': beta must be in [0, 1] (the i.i.d. acceptance probability), "
+                         f"got {beta}")
+    B, N = d.shape
+    k_u, k_r = jax.random.split(rng)
+    n = _first_failure(jax.random.uniform(k_u, (B, N)) < beta)
+    if o.get("temperature", 0.0) > 0:
+        return n, _sample_rows(k_r, _at_dist(_p(z, o), n))
+    return n, _at(jnp.argmax(z, -1).astype(jnp.int32), n)
+
+
 def mix(rule: Rule | Callable, w: float) -> Rule:
     """Logit mixing around any rule: verify against w * z_AR + (1 - w) * z_diff (bonus position: z_AR only)."""
     rule = rule if isinstance(rule, Rule) else Rule(getattr(rule, "__name__", "rule"), rule)
