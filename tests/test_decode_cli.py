@@ -149,7 +149,8 @@ def test_flags_map_to_generate_kwargs(m, monkeypatch):
     known = set(inspect.signature(gen_mod.generate).parameters) | set(DecodeOptions.__dataclass_fields__) | \
         {"epsilon", "delta", "k", "r"}
     assert set(kw) <= known, set(kw) - known
-    zaya_cli.main(["generate", model_dir, "--max-new-tokens", "3"])  # top-level parser: EOS default, BOS prompt
+    # top-level parser: EOS default, BOS prompt; the console entry returns exit status 0, never the result
+    assert zaya_cli.main(["generate", model_dir, "--max-new-tokens", "3"]) == 0
     kw = calls.pop()
     assert (kw["eos_id"], kw["prompt_ids"], kw["max_new_tokens"], kw["stop"]) == (106, [[2]], 3, None)
     zaya_cli.main(["generate", model_dir, "--sampler", "two_forward", "--mix-weight", "0.5", "--anchor", "mask"])

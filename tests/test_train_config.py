@@ -133,6 +133,9 @@ def test_empty_corpus_fails_at_start(tmp_path):
 
 def test_resume_refuses_checkpoint_from_another_model_config(tmp_path):
     run = _run(tmp_path)
+    # one writer per directory: the run's own manager (its tmp-folder cleanup runs on a background thread) is closed
+    # before this test writes a checkpoint there, or the cleanup can race the save ("Directory not empty")
+    run.ckpt.close()
     ab = st.abstract_state(run.model_cfg, run.optimizer)
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), ab.as_dict())
     ck = Checkpoints(os.path.join(run.workdir, "checkpoints"))

@@ -86,12 +86,12 @@ def test_exported_model_loads_and_exports(pretrained, tmp_path):
 def test_trained_model_folder_carries_its_byte_tokenizer_so_text_prompts_work(pretrained, capsys):
     """`zaya generate DIR/model --prompt "12+35="` on a model trained with the byte tokenizer: the folder's
     tokenizer.json encodes the prompt as the training data was encoded (BOS + bytes) and decodes the output."""
-    from zaya.cli import main
+    from zaya.cli import run
     from zaya.data.tokenizer import ByteTokenizer
     wd, _ = pretrained
     model = os.path.join(wd, "model")
     assert os.path.isfile(os.path.join(model, "tokenizer.json"))
-    res = main(["generate", model, "--prompt", "12+35=", "--max-new-tokens", "3", "--no-eos"])
+    res = run(["generate", model, "--prompt", "12+35=", "--max-new-tokens", "3", "--no-eos"])
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("prompt "))
     ids, text = line[len("prompt "):].split(" -> ", 1)

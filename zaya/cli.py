@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
+def run(argv=None):
+    """Runs one subcommand and returns what it returns (a summary, a decode result; for Python callers and tests)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -96,5 +97,12 @@ def main(argv=None):
     return args.fn(args)
 
 
+def main(argv=None) -> int:
+    """The console entry point: exit status 0 on success (errors exit through SystemExit with their own status).
+    A subcommand's result never becomes the status: ``sys.exit(dict)`` would print it and exit 1."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
