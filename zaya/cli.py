@@ -61,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(g)
     g.set_defaults(fn=_generate)
 
-    b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers")
-    b.add_argument("what", choices=["forward", "decode", "convert", "samplers", "all"])
+    b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers, attention, moe")
+    b.add_argument("what", choices=["forward", "decode", "convert", "samplers", "attention", "moe", "all"])
     b.add_argument("--preset", action="append", default=None, help="model presets (default: tiny and small-100m)")
     b.add_argument("--out", default=None, help="write the table (Markdown) and figures here")
     b.add_argument("--size-gb", type=float, default=1.0, help="convert: synthetic checkpoint size")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke runs)")
     b.add_argument("--loop", choices=["host", "device"], default="host",
                    help="samplers: decode loop of every sampler, AR included (zaya.generate's loop)")
+    b.add_argument("--vs-transformers", action="store_true",
+                   help="forward/decode: against transformers' PyTorch ZAYA on the same random checkpoint (CPU, fp32)")
     b.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                    help="do not use jax's persistent compilation cache ($ZAYA_BENCH_CACHE, default /tmp/zaya_bench_xla_cache)")
     b.set_defaults(fn=_bench)

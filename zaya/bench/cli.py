@@ -4,12 +4,16 @@
   decode    AR decode ms/token via zaya.generate (zaya.bench.decode)
   convert   `zaya convert` throughput and peak memory on a synthetic checkpoint (zaya.bench.convert)
   samplers  block samplers vs AR side by side (zaya.bench.samplers)
+  attention the Pallas verify-attention kernel vs XLA at ZAYA1-8B geometry (zaya.bench.attention)
+  moe       the expert-matmul implementations at ZAYA1-8B geometry (zaya.bench.moe)
   all       everything above, then the roofline model's predicted-vs-measured table (zaya.bench.roofline)
 
 ``--preset`` (repeatable) picks the random-weight presets (default tiny and small-100m; samplers: tiny). For
 ``samplers`` a ``--preset`` value that is a folder, ``--model PATH`` (when the parser has it) or $ZAYA_BENCH_MODEL
 selects a checkpoint (e.g. the demo's converted model) instead of random weights. Every benchmark prints Markdown
 tables headed by the machine and, with ``--out DIR``, writes them there with CSV/JSON and figures.
+``forward --vs-transformers`` / ``decode --vs-transformers``: zaya against transformers' PyTorch ZAYA on one random
+~40M-parameter checkpoint, times and ratios from one run (zaya.bench.vs_transformers).
 """
 from __future__ import annotations
 
@@ -32,13 +36,22 @@ def _model_paths(a, folders):
     return paths
 
 
+def _vs_transformers(a, what):
+    from zaya.bench import vs_transformers
+    return vs_transformers.run((what,), a.out, a.quick)
+
+
 def run_forward(a):
+    if getattr(a, "vs_transformers", False):
+        return _vs_transformers(a, "forward")
     from zaya.bench import forward
     names, _ = _split(a.preset)
     return forward.run(tuple(names) or DEFAULT_PRESETS, a.out, a.quick)
 
 
 def run_decode(a):
+    if getattr(a, "vs_transformers", False):
+        return _vs_transformers(a, "decode")
     from zaya.bench import decode
     names, _ = _split(a.preset)
     return decode.run(tuple(names) or DEFAULT_PRESETS, a.out, a.quick)
@@ -65,6 +78,16 @@ def run_samplers(a):
     return out
 
 
+def run_attention(a):
+    from zaya.bench import attention
+    return attention.run(a.out, a.quick)
+
+
+def run_moe(a):
+    from zaya.bench import moe
+    return moe.run(a.out, a.quick)
+
+
 def run_all(a):
     from zaya.bench import roofline
     res = {"forward": run_forward(a), "decode": run_decode(a), "samplers": run_samplers(a),
@@ -83,7 +106,7 @@ def run_all(a):
 
 
 COMMANDS = {"forward": run_forward, "decode": run_decode, "convert": run_convert, "samplers": run_samplers,
-            "all": run_all}
+            "attention": run_attention, "moe": run_moe, "all": run_all}
 
 
 def main(a):
