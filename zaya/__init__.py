@@ -3,8 +3,9 @@ from zaya import sharding  # zaya.sharding.make_mesh(...) after `import zaya` (R
 from zaya.api import Model, load
 from zaya.config import ZayaConfig, preset
 from zaya.convert.hf_config import from_hf_config
+from zaya.model.transformer import Impl  # zaya.load(path, impl=zaya.Impl(attention="pallas", moe="pallas"))
 
-__all__ = ["Model", "ZayaConfig", "from_hf_config", "generate", "load", "preset", "sharding"]
+__all__ = ["Impl", "Model", "ZayaConfig", "from_hf_config", "generate", "load", "preset", "sharding"]
 
 
 def generate(*args, **kwargs):
