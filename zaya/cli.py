@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(g)
     g.set_defaults(fn=_generate)
 
-    b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers, attention, moe")
-    b.add_argument("what", choices=["forward", "decode", "convert", "samplers", "attention", "moe", "all"])
+    b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers, attention, moe, system")
+    b.add_argument("what", choices=["forward", "decode", "convert", "samplers", "attention", "moe", "system", "all"])
     b.add_argument("--preset", action="append", default=None, help="model presets (default: tiny and small-100m)")
     b.add_argument("--out", default=None, help="write the table (Markdown) and figures here")
     b.add_argument("--size-gb", type=float, default=1.0, help="convert: synthetic checkpoint size")

@@ -6,6 +6,8 @@
   samplers  block samplers vs AR side by side (zaya.bench.samplers)
   attention the Pallas verify-attention kernel vs XLA at ZAYA1-8B geometry (zaya.bench.attention)
   moe       the expert-matmul implementations at ZAYA1-8B geometry (zaya.bench.moe)
+  system    AR steps at long context and block samplers end to end at a controlled (synthetic) acceptance, in the
+            device loop, beside the roofline (zaya.bench.system; ZAYA1-8B geometry on an accelerator)
   all       everything above, then the roofline model's predicted-vs-measured table (zaya.bench.roofline)
 
 ``--preset`` (repeatable) picks the random-weight presets (default tiny and small-100m; samplers: tiny). For
@@ -88,6 +90,12 @@ def run_moe(a):
     return moe.run(a.out, a.quick)
 
 
+def run_system(a):
+    from zaya.bench import system
+    names, _ = _split(a.preset)
+    return system.run(names[0] if names else None, a.out, a.quick)
+
+
 def run_all(a):
     from zaya.bench import roofline
     res = {"forward": run_forward(a), "decode": run_decode(a), "samplers": run_samplers(a),
@@ -106,7 +114,7 @@ def run_all(a):
 
 
 COMMANDS = {"forward": run_forward, "decode": run_decode, "convert": run_convert, "samplers": run_samplers,
-            "attention": run_attention, "moe": run_moe, "all": run_all}
+            "attention": run_attention, "moe": run_moe, "system": run_system, "all": run_all}
 
 
 def main(a):
