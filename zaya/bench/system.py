@@ -81,6 +81,8 @@ def time_loop(model, sampler: str, batch: int, context: int, max_new: int, repea
     runs = runs[1:]
     sec = statistics.median(r[0] for r in runs)
     _, steps, tokens = runs[0]
+    print(f"[bench system] {sampler} {opts.get('beta', '')} batch {batch} context {context}: {steps} steps, "
+          f"{1e3 * sec / steps:.3f} ms/step, {tokens} tokens", flush=True)  # a cut-off run keeps its rows
     # the first token of each row comes from the prefill's logits: steps produced tokens - batch
     return {"sampler": sampler, "batch": batch, "context": context, "seconds": sec, "steps": steps,
             "tokens": tokens, "ms_per_step": 1e3 * sec / steps, "tokens_per_step": (tokens - batch) / batch / steps,
