@@ -3,9 +3,14 @@
   reference  dense mask from the layout, one softmax (tests; small T)
   chunked    flash-style online softmax over key tiles; the mask tile is computed from the layout ids, so memory
              is O(T * tile) per row instead of O(T^2) (training at long context, long prefill)
-  auto       (the default) reference when T * S is small, chunked otherwise; chosen from static shapes at trace time
+  pallas     decode/verify: the cached prefix through the split-K Pallas kernel (``zaya.kernels.decode_attention``,
+             Triton lowering: CUDA and ROCm; interpret mode on CPU), the T new tokens with their layout mask in XLA
+             (dense, or chunked when T * T is large), merged by log-sum-exp (cascade). It needs a cache: a call
+             without one (training, a cache-less forward) raises -- use auto / chunked there; it never falls back
+             to XLA for the cache part, and shapes past the kernel's limits (head dim, T*G rows) raise ValueError
+  auto       (the default) on a GPU backend (cuda, rocm) pallas when a cache is present and T*G fits the kernel;
+             otherwise reference when T * S is small, chunked when large; chosen from static shapes at trace time
 
-A Pallas kernel (Triton-style, for CUDA and ROCm) registers here under a new name without touching callers.
 Scores are ``q . k * d^-0.5``; q/k arrive already L2-normalised, temperature-scaled and rotated (CCA).
 Dtypes (as the HF reference, which runs QK^T and PV in the model dtype with an fp32 softmax): both matmuls take
 operands in the dtype of q (bf16 in bf16 mode) and accumulate in fp32; scores, softmax statistics and the running
@@ -19,6 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from zaya.kernels import platform
 from zaya.layouts import Layout, allowed, cache_allowed
 
 _NEG = -1e30
@@ -118,37 +124,67 @@ def _chunked(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len, tile: 
     q = _queries(q_BTHd, k_BTKd.shape[2])
     state = None
     for k, v, mask in _sources(k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
-        S = k.shape[1]
-        n = min(tile, S)
-        n_tiles = -(-S // n)
-        pad = n_tiles * n - S
-        kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-
-        @functools.partial(jax.checkpoint, prevent_cse=False)  # backward keeps carries only: O(T * tile) memory
-        def step(carry, i, kp=kp, vp=vp, mask=mask, S=S, n=n):
-            a = i * n
-            kt = jax.lax.dynamic_slice_in_dim(kp, a, n, 1)
-            vt = jax.lax.dynamic_slice_in_dim(vp, a, n, 1)
-            return _merge(carry, _partial(q, kt, vt, _tile_mask(mask, a, n, S))), None
-
-        B, K, G, T, d = q.shape
-        init = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
-                jnp.zeros((B, K, G, T, d), jnp.float32))
-        part, _ = jax.lax.scan(step, init, jnp.arange(n_tiles))
+        part = _scan_partial(q, k, v, mask, tile)
         state = part if state is None else _merge(state, part)
     return _finish(state, q_BTHd.shape, v_BTKd.dtype)
 
 
-def auto_choice(T: int, S: int) -> str:
-    """The impl "auto" runs for T queries over S keys (cache slots + new keys)."""
+def _scan_partial(q, k, v, mask, tile):
+    """``_partial`` over one key set in tiles of ``tile`` keys (online softmax in a scan; the last tile padded)."""
+    S = k.shape[1]
+    n = min(tile, S)
+    n_tiles = -(-S // n)
+    pad = n_tiles * n - S
+    kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # backward keeps carries only: O(T * tile) memory
+    def step(carry, i):
+        a = i * n
+        kt = jax.lax.dynamic_slice_in_dim(kp, a, n, 1)
+        vt = jax.lax.dynamic_slice_in_dim(vp, a, n, 1)
+        return _merge(carry, _partial(q, kt, vt, _tile_mask(mask, a, n, S))), None
+
+    B, K, G, T, d = q.shape
+    init = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, d), jnp.float32))
+    part, _ = jax.lax.scan(step, init, jnp.arange(n_tiles))
+    return part
+
+
+@register("pallas")
+def _pallas(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+    """Cascade: the cache through the split-K kernel; the new chunk with its layout mask in XLA (dense ``_partial``,
+    or the chunked scan when T * T is large, e.g. a prefill); merged by log-sum-exp."""
+    if cache_k is None:
+        raise ValueError("attention impl 'pallas' is the decode/verify kernel over a KV cache; this call has no cache "
+                         "(training or a cache-less forward): use impl 'auto', 'reference' or 'chunked'")
+    from zaya.kernels.decode_attention import cache_attention
+    q = _queries(q_BTHd, k_BTKd.shape[2])
+    state = cache_attention(q, cache_k, cache_v, cache_len, layout.ctx, layout.seg)
+    [(_, _, chunk_mask)] = _sources(k_BTKd, v_BTKd, layout, None, None, None)
+    T = k_BTKd.shape[1]
+    part = (_partial(q, k_BTKd, v_BTKd, chunk_mask(0, T)) if T * T <= AUTO_DENSE_MAX
+            else _scan_partial(q, k_BTKd, v_BTKd, chunk_mask, 512))
+    return _finish(_merge(state, part), q_BTHd.shape, v_BTKd.dtype)
+
+
+def auto_choice(T: int, S: int, cached: bool = False, G: int = 1, d: int = 128) -> str:
+    """The impl "auto" runs for T queries (G per kv head, head dim d) over S keys (cache slots + new keys);
+    ``cached``: a KV cache is present. GPU backends run decode/verify shapes through the Pallas kernel (within its
+    limits); CPU never does (interpret mode is for tests, not speed)."""
+    if cached and platform.backend() in ("cuda", "rocm"):
+        from zaya.kernels.decode_attention import supports
+        if supports(T, G, d):
+            return "pallas"
     return "reference" if T * S <= AUTO_DENSE_MAX else "chunked"
 
 
 @register("auto")
 def _auto(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
     S = k_BTKd.shape[1] + (0 if cache_k is None else cache_k.shape[1])
-    name = auto_choice(q_BTHd.shape[1], S)  # static shapes: decided once per trace
+    B, T, H, d = q_BTHd.shape
+    name = auto_choice(T, S, cache_k is not None, H // k_BTKd.shape[2], d)  # static shapes: decided once per trace
     return IMPLS[name](q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len)
 
 
