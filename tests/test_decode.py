@@ -45,6 +45,29 @@ def test_rows_stop_independently_on_eos(model):
     for got, want in zip(res.tokens, ref):
         cut = want.index(eos) + 1 if eos in want else len(want)
         assert got == want[:cut]
+    # batch accounting: row 0 stops after 3 tokens while row 1 runs on. Per active row AR makes exactly one token per
+    # forward; per batch row the 4 forwards row 0 rode along in are charged to it
+    made = sum(map(len, res.tokens)) - 2
+    assert res.stats["row_forwards"] == made and res.stats["tokens_per_forward"] == 1.0
+    assert res.stats["tokens_per_forward_batch"] == made / (2 * res.stats["forwards"]) < 1.0
+
+
+def test_block_sampler_charges_each_row_only_its_own_forwards(model):
+    """Rows of a two_forward batch finish at different steps (row 0 hits EOS early): each row is charged the forwards
+    of the steps it was active in (two per step; the first step's drafts come with the prefill), none after; the
+    per-batch-row figure charges the ride-alongs too."""
+    rows = [[2, 17, 301, 45], [2, 9, 511, 128, 3, 77, 260]]
+    free = zaya.generate(model, rows, max_new_tokens=12, sampler="two_forward", block_size=3, trace=True)
+    eos = free.tokens[0][1]  # row 0 stops at its second token; row 1 (unless it emits it too) runs on
+    res = zaya.generate(model, rows, max_new_tokens=12, sampler="two_forward", block_size=3, eos_id=eos, trace=True)
+    active = np.array([s["active"] for s in res.trace])  # [steps, B]
+    assert active[:, 0].sum() < active[:, 1].sum()  # the rows really finish at different steps
+    # row 1 is active to the end: charged every forward; row 0 only those of its own steps (at most two per step)
+    F = res.stats["forwards"]
+    assert F < res.stats["row_forwards"] <= F + 2 * active[:, 0].sum() < 2 * F
+    made = sum(map(len, res.tokens)) - 2
+    assert res.stats["tokens_per_forward"] == made / res.stats["row_forwards"]
+    assert res.stats["tokens_per_forward_batch"] == made / (2 * res.stats["forwards"]) < res.stats["tokens_per_forward"]
 
 
 def test_stop_sequence(model):

@@ -153,7 +153,9 @@ def summary(sa, sb, ev, rows, t_train, t_total, sc=None) -> str:
               "decode forwards produced per forward, the first token of each row coming from the prefill logits for "
               "every sampler, so AR = 1.00; TF = 2 forwards per step; decode loop: "
               "host = one dispatch and sync per step, device = one lax.while_loop, both for AR and the sampler; "
-              "bound: the speedup if every block were fully accepted):", "",
+              "bound: the speedup if every block were fully accepted; tokens/forward: generated tokens per forward "
+              "per active row, i.e. a row is charged only the forwards that ran while it was still generating, so "
+              "rows of a batch that finish early are not charged the batch's later forwards):", "",
               "| sampler | batch | decode loop | tokens/forward | tokens/step | acceptance d1..d4 | "
               "speedup vs AR (wall) | bound: perfect drafts | same tokens as AR |",
               "|---|---|---|---|---|---|---|---|---|"]

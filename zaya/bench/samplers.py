@@ -159,8 +159,10 @@ def pooled(results) -> dict:
     out = {"tokens": tok, "rows": rows, "forwards": sum(s["forwards"] for s in st),
            "steps": sum(s["steps"] for s in st),
            "seconds": sum(s["seconds"] for s in st), "prefill_seconds": sum(s["prefill_seconds"] for s in st),
-           "tokens_per_forward": (tok - sum(s["prefill_tokens"] for s in st))
-           / max(sum(s["forwards"] * len(r.tokens) for s, r in zip(st, results)), 1)}
+           "row_forwards": sum(s["row_forwards"] for s in st)}
+    made = tok - sum(s["prefill_tokens"] for s in st)  # tokens the decode forwards produced
+    out.update(tokens_per_forward=made / max(out["row_forwards"], 1),  # per forward per active row
+               tokens_per_forward_batch=made / max(sum(s["forwards"] * len(r.tokens) for s, r in zip(st, results)), 1))
     if all("counts" in s for s in st):
         c = [s["counts"] for s in st]
         reached = np.sum([x["reached"] for x in c], 0)
@@ -224,7 +226,8 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
         "batch": B, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": temperature,
         "loop": loop,
         "tokens": st["tokens"], "forwards": st["forwards"], "steps": st["steps"],
-        "tokens_per_forward": st["tokens_per_forward"], "tokens_per_step": st.get("tokens_per_step"),
+        "tokens_per_forward": st["tokens_per_forward"], "tokens_per_forward_batch": st["tokens_per_forward_batch"],
+        "tokens_per_step": st.get("tokens_per_step"),
         "tokens_per_step_hist": st.get("tokens_per_step_hist"),
         "acceptance_per_position": st.get("acceptance_per_position"),
         "acceptance_reached": st.get("acceptance_reached"),

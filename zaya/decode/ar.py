@@ -9,7 +9,7 @@ from zaya.config import ZayaConfig
 from zaya.decode.options import DecodeOptions
 from zaya.decode.sampling import sample
 from zaya.decode.samplers import Sampler, register
-from zaya.decode.state import State, append
+from zaya.decode.state import State, append, count_forward
 from zaya.model.cache import commit
 from zaya.model.transformer import Impl, apply
 
@@ -28,7 +28,7 @@ def step(params, c: ZayaConfig, impl: Impl, o: DecodeOptions, state: State) -> t
         lay = layouts.causal(B, 1, start=state.cache.length)
         logits, chunk, _ = apply(params, c, tok[:, None], lay, state.cache, impl)
         cache = commit(state.cache, chunk, kept)
-        return state.replace(cache=cache, logits=logits[:, 0], forwards=state.forwards + 1)
+        return state.replace(cache=cache, logits=logits[:, 0], **count_forward(state))
 
     state = jax.lax.cond(state.done.all(), lambda s: s, forward, state)
     return state.replace(key=key), {"kept": kept, "next": tok}

@@ -12,7 +12,7 @@ from zaya import layouts
 from zaya.decode.acceptance import RuleInputs
 from zaya.decode.options import DecodeOptions
 from zaya.decode.sampling import sample
-from zaya.decode.state import State, append, prefill_with_block
+from zaya.decode.state import State, append, count_forward, prefill_with_block
 from zaya.model.transformer import apply
 
 
@@ -34,7 +34,7 @@ def draft_after(params, c, impl, o: DecodeOptions, state: State, key) -> State:
     logits, _, _ = apply(params, c, tokens, lay, state.cache, impl)
     z = logits[:, 1:]
     drafts, probs = draft_tokens(z, key, o)
-    return state.replace(drafts=drafts, draft_probs=probs, forwards=state.forwards + 1,
+    return state.replace(drafts=drafts, draft_probs=probs, **count_forward(state),
                          draft_logits=z if o.keeps_draft_logits() else None)
 
 

@@ -17,7 +17,7 @@ from zaya import layouts
 from zaya.decode import block
 from zaya.decode.options import DecodeOptions
 from zaya.decode.samplers import Sampler, register
-from zaya.decode.state import State
+from zaya.decode.state import State, count_forward
 from zaya.model.cache import commit
 from zaya.model.transformer import apply
 
@@ -44,6 +44,7 @@ def step(params, c, impl, o: DecodeOptions, state: State):
                               jnp.full((B, P * W), c.mask_token_id, jnp.int32)], 1)
     lay = layouts.single_forward(state.cache.length, N, lv, o.block_causal)
     z, chunk, _ = apply(params, c, tokens, lay, state.cache, impl)
+    counted = count_forward(state)  # the verify forward ran for every row active before the acceptance
     state, n, nxt, active, kept = block.accept_and_append(o, state, z[:, :W], k_acc)
     cache = commit(state.cache, chunk, jnp.where(active, kept, 0))  # verify tokens come first; a cut drops the rest
 
@@ -61,7 +62,7 @@ def step(params, c, impl, o: DecodeOptions, state: State):
         probs = jnp.where(valid[..., None], probs, jax.nn.one_hot(drafts, probs.shape[-1]))
     zkeep = jnp.where(valid[..., None], zd, 0.0) if o.keeps_draft_logits() else None
     state = state.replace(cache=cache, pending=nxt, drafts=drafts, draft_probs=probs, draft_logits=zkeep, key=key,
-                          forwards=state.forwards + 1)
+                          **counted)
     return state, {"accepted": n, "active": active, "drafts": drafts, "next": nxt, "kept": kept}
 
 

@@ -24,6 +24,7 @@ class State:
     done: jnp.ndarray     # [B] row finished (EOS, stop sequence or max_new_tokens)
     key: jax.Array
     forwards: jnp.ndarray  # scalar: model forwards so far (prefill excluded)
+    row_forwards: jnp.ndarray  # [B] forwards that ran while the row was still generating (see count_forward)
     # Block samplers only (None for ar):
     pending: jnp.ndarray | None = None       # [B] next token: already in `out`, not yet in the cache
     drafts: jnp.ndarray | None = None        # [B, N] drafts for the N positions after `pending`
@@ -51,8 +52,19 @@ def prefill_with_block(params, c: ZayaConfig, impl: Impl, prompt_BT, length_B, c
     cache = commit(cache, chunk, length_B)  # the prompt is the chunk's head: masks are never committed
     last = jnp.take_along_axis(logits[:, :T], (length_B - 1)[:, None, None], 1)[:, 0]
     state = State(cache=cache, logits=last, out=jnp.zeros((B, max_new), jnp.int32), n=jnp.zeros((B,), jnp.int32),
-                  done=jnp.zeros((B,), bool) | (max_new <= 0), key=key, forwards=jnp.zeros((), jnp.int32))
+                  done=jnp.zeros((B,), bool) | (max_new <= 0), key=key, forwards=jnp.zeros((), jnp.int32),
+                  row_forwards=jnp.zeros((B,), jnp.int32))
     return state, (logits[:, T:] if block else None)
+
+
+def count_forward(state: State) -> dict:
+    """The fields a forward updates: one more forward, charged to every row still generating when it runs.
+
+    A batch keeps running forwards until its last row is done; rows that finished earlier ride along in them.
+    ``forwards`` counts every forward (what the batch paid), ``row_forwards[b]`` only those row b needed, so
+    tokens per forward per active row = generated tokens / sum(row_forwards) is a property of the sampler, not of
+    how the rows of a batch happen to finish."""
+    return dict(forwards=state.forwards + 1, row_forwards=state.row_forwards + (~state.done).astype(jnp.int32))
 
 
 def append(state: State, tokens_BT, count_B, eos_id: int | None, stop_seqs=None):

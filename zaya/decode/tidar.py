@@ -17,7 +17,7 @@ from zaya.decode import block
 from zaya.decode.acceptance import RuleInputs
 from zaya.decode.options import DecodeOptions
 from zaya.decode.samplers import Sampler, register
-from zaya.decode.state import State, append
+from zaya.decode.state import State, append, count_forward
 from zaya.model.cache import commit
 from zaya.model.transformer import apply
 
@@ -30,7 +30,7 @@ def init(params, c, impl, o: DecodeOptions, state: State) -> State:
     z, _, _ = apply(params, c, masks, layouts.draft_block(state.cache.length, b, o.block_causal), state.cache,
                     impl)
     d, probs = block.draft_tokens(z, sub, o)
-    return state.replace(drafts=d, draft_probs=probs, draft_logits=z, key=key, forwards=state.forwards + 1)
+    return state.replace(drafts=d, draft_probs=probs, draft_logits=z, key=key, **count_forward(state))
 
 
 def step(params, c, impl, o: DecodeOptions, state: State):
@@ -44,13 +44,14 @@ def step(params, c, impl, o: DecodeOptions, state: State):
     n_acc, _ = o.accept()(z[:, :b], state.drafts[:, 1:], None if state.draft_probs is None
                           else state.draft_probs[:, 1:], k_acc, o.rule_kwargs(), inputs)
     keep = n_acc + 1  # D_0 is always kept
+    counted = count_forward(state)  # the verify forward ran for every row active before the acceptance
     active = ~state.done
     state, kept = append(state, state.drafts, keep, o.eos_id, o.stop)
     cache = commit(state.cache, chunk, jnp.where(active, kept, 0))  # an EOS/stop/budget cut drops the rest
     znext = jnp.take_along_axis(sets, (keep - 1)[:, None, None, None], 1)[:, 0]
     d, probs = block.draft_tokens(znext, k_draft, o)
     state = state.replace(cache=cache, drafts=d, draft_probs=probs, draft_logits=znext, key=key,
-                          forwards=state.forwards + 1)
+                          **counted)
     return state, {"accepted": n_acc, "active": active, "drafts": tokens[:, :b], "next": tokens[:, 0],
                    "kept": kept}
 

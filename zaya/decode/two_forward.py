@@ -14,7 +14,7 @@ from zaya import layouts
 from zaya.decode import block
 from zaya.decode.options import DecodeOptions
 from zaya.decode.samplers import Sampler, register
-from zaya.decode.state import State
+from zaya.decode.state import State, count_forward
 from zaya.model.cache import commit
 from zaya.model.transformer import apply
 
@@ -25,9 +25,10 @@ def step(params, c, impl, o: DecodeOptions, state: State):
     key, k_acc, k_draft = jax.random.split(state.key, 3)
     tokens = jnp.concatenate([state.pending[:, None], state.drafts], 1)
     z, chunk, _ = apply(params, c, tokens, layouts.verify(state.cache.length, N), state.cache, impl)
+    counted = count_forward(state)  # the verify forward ran for every row active before the acceptance
     state, n, nxt, active, kept = block.accept_and_append(o, state, z, k_acc)
     cache = commit(state.cache, chunk, jnp.where(active, kept, 0))  # a, d_1..d_n minus what EOS/stop/budget cut
-    state = state.replace(cache=cache, pending=nxt, key=key, forwards=state.forwards + 1)
+    state = state.replace(cache=cache, pending=nxt, key=key, **counted)
     # no drafting forward once every row is done: its drafts would never be verified (nor counted as a forward)
     state = jax.lax.cond(state.done.all(), lambda s: s, lambda s: block.draft_after(params, c, impl, o, s, k_draft),
                          state)
