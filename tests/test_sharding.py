@@ -130,6 +130,24 @@ def test_cache_shardings_and_decoding_on_a_mesh(params, tokens, reference):
     assert [t[0] for t in res.tokens] == np.asarray(reference["ragged"][:Bc, prompt - 1]).argmax(-1).tolist()
 
 
+def test_generate_on_a_mesh_never_picks_the_unpartitioned_kernel(params, tokens, monkeypatch):
+    """On a GPU, attention "auto" picks the Pallas kernel for cached calls; XLA cannot partition its custom call
+    (it would gather the sharded cache), so zaya.generate on a multi-device mesh runs impl "xla" instead."""
+    import zaya
+    from zaya.api import Model
+    from zaya.model import attention
+
+    def refuse(*a):
+        raise AssertionError("the Pallas kernel was traced on a multi-device mesh")
+    monkeypatch.setattr(attention.platform, "backend", lambda: "cuda")
+    monkeypatch.setitem(attention.IMPLS, "pallas", refuse)
+    assert attention.auto_choice(1, 64, cached=True, G=2, d=16) == "pallas"  # what a GPU would run off the mesh
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    model = Model(CFG, sharding.shard_params(params, CFG, mesh), Impl(moe="ragged"), mesh=mesh)
+    res = zaya.generate(model, np.asarray(tokens[:4, :6]), max_new_tokens=3)
+    assert all(len(t) == 3 for t in res.tokens)
+
+
 def test_load_with_mesh_gives_same_logits(fixtures_dir):
     """The public API: zaya.load(path, mesh=...) places params on the mesh and Model.logits runs sharded."""
     import os

@@ -146,6 +146,8 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     o = smp.options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                     stop=stop, **sampler_opts)  # the one validation of this call
     cfg, params, impl = model.config, model.params, model.impl
+    if getattr(model, "mesh", None) is not None and model.mesh.size > 1 and impl.attention == "auto":
+        impl = dataclasses.replace(impl, attention="xla")  # the Pallas kernel would gather a sharded cache
     rows = _as_rows(prompt_ids)
     pad_to = max(int(pad_to), 1)
     B, Tp = len(rows), -(-max(map(len, rows)) // pad_to) * pad_to
@@ -194,12 +196,16 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     bar.close()
     out, n = np.asarray(state.out), np.asarray(state.n)
     tokens = [out[b, : n[b]].tolist() for b in range(B)]
-    forwards = int(state.forwards)
+    forwards, row_forwards = int(state.forwards), int(np.asarray(state.row_forwards).sum())
     first = int(np.minimum(n, 1).sum())  # one token per row comes from the prefill's logits, for every sampler
     stats = {"sampler": sampler, "forwards": forwards, "steps": len(infos), "tokens": int(n.sum()),
              "seconds": t2 - t1, "prefill_seconds": prefill_s, "tokens_per_s": float(n.sum()) / max(t2 - t1, 1e-9),
-             # tokens per forward counts the tokens the decode forwards produced (AR: exactly 1 at batch 1)
-             "prefill_tokens": first, "tokens_per_forward": float(n.sum() - first) / max(forwards, 1) / B}
+             # tokens the decode forwards produced, per forward per active row (a row is charged only the forwards
+             # that ran while it was still generating: AR gives exactly 1 at any batch), and per forward per batch
+             # row (rows that finished early ride along in the batch's later forwards, and are charged for them)
+             "prefill_tokens": first, "row_forwards": row_forwards,
+             "tokens_per_forward": float(n.sum() - first) / max(row_forwards, 1),
+             "tokens_per_forward_batch": float(n.sum() - first) / max(forwards, 1) / B}
     if smp.summarize is not None:
         stats.update(smp.summarize(infos, o))
     steps = None

@@ -10,6 +10,7 @@
              to XLA for the cache part, and shapes past the kernel's limits (head dim, T*G rows) raise ValueError
   auto       (the default) on a GPU backend (cuda, rocm) pallas when a cache is present and T*G fits the kernel;
              otherwise reference when T * S is small, chunked when large; chosen from static shapes at trace time
+  xla        auto without the kernel (zaya.generate on a multi-device mesh: the kernel is not partitioned yet)
 
 Scores are ``q . k * d^-0.5``; q/k arrive already L2-normalised, temperature-scaled and rotated (CCA).
 Dtypes (as the HF reference, which runs QK^T and PV in the model dtype with an fp32 softmax): both matmuls take
@@ -185,6 +186,15 @@ def _auto(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
     S = k_BTKd.shape[1] + (0 if cache_k is None else cache_k.shape[1])
     B, T, H, d = q_BTHd.shape
     name = auto_choice(T, S, cache_k is not None, H // k_BTKd.shape[2], d)  # static shapes: decided once per trace
+    return IMPLS[name](q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len)
+
+
+@register("xla")
+def _xla(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+    """``auto`` without the kernel: what ``zaya.generate`` runs on a multi-device mesh, where XLA's partitioner
+    cannot split the kernel's custom call and would gather the whole sharded KV cache onto every device."""
+    S = k_BTKd.shape[1] + (0 if cache_k is None else cache_k.shape[1])
+    name = auto_choice(q_BTHd.shape[1], S)
     return IMPLS[name](q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len)
 
 
