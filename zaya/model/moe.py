@@ -1,18 +1,46 @@
 """ZAYA1 MoE block: MLP router with depth mixing (EDA), top-1 over E experts + 1 MoD skip class, SwiGLU experts.
 
-Two dispatch implementations with identical math:
-  ragged  dropless: sort tokens by expert, two ``jax.lax.ragged_dot`` calls, inverse permutation
-  dense   every expert on every token, select with a one-hot (the reference; tests compare the two)
+Expert dispatch implementations, all dropless with identical math (forward and gradients), in a registry
+(``EXPERT_IMPLS``; add one with ``@register("name")``, nothing else to edit):
+  dense   every expert on every token, select with a one-hot (the reference; tests compare every impl to it)
+  ragged  sort tokens by expert, two ``jax.lax.ragged_dot`` calls, inverse permutation (grouped on GPU; XLA:CPU
+          lowers ragged_dot to a dense all-experts dot)
+  gather  per-token matvecs on gathered expert weights (few tokens)            } zaya.model.moe_dispatch:
+  sorted  expert-sorted row tiles, a scan of tile matmuls (any backend)          } routed work only
+  pallas  the same tiles through a Pallas grouped-matmul kernel (GPU decode)     }
+  auto    (the default) one of the above by backend and static token count: ``moe_dispatch.auto_choice``
 The skip class (e* == E) outputs 0 as in mainline transformers and vLLM; how often it wins is returned so callers
 can count it.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from zaya.config import ZayaConfig
+from zaya.model import moe_dispatch
 from zaya.model.layers import rms_norm
+from zaya.model.moe_dispatch import swiglu as _swiglu
+
+# name -> fn(p_experts, config, m_BTD, choice_BT, gate_BT) -> y_BTD fp32
+EXPERT_IMPLS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    """Decorator: ``@register("mine") def experts_mine(p, c, m_BTD, choice_BT, gate_BT)`` makes ``moe(..., "mine")``
+    and ``Impl(moe="mine")`` run it (a later registration under the same name replaces the earlier one)."""
+    def deco(fn):
+        EXPERT_IMPLS[name] = fn
+        return fn
+    return deco
+
+
+def get_impl(name: str) -> Callable:
+    if name not in EXPERT_IMPLS:
+        raise ValueError(f"unknown MoE impl {name!r}; registered: {sorted(EXPERT_IMPLS)}")
+    return EXPERT_IMPLS[name]
 
 
 def router(p: dict, c: ZayaConfig, m_BTD, prev_r_BTR):
@@ -35,19 +63,18 @@ def router(p: dict, c: ZayaConfig, m_BTD, prev_r_BTR):
     return choice, gate, r, probs
 
 
-def _swiglu(h, F):
-    return jax.nn.silu(h[..., :F]) * h[..., F:]
-
-
+@register("dense")
 def experts_dense(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
     w_up, w_down = p["gate_up"], p["down"]
     x = m_BTD.astype(w_up.dtype)
-    h = jnp.einsum("btd,edf->btef", x, w_up, preferred_element_type=jnp.float32).astype(w_up.dtype)
-    y = jnp.einsum("btef,efd->bted", _swiglu(h, c.moe_intermediate_size), w_down, preferred_element_type=jnp.float32)
+    # experts axis first in operands and outputs: XLA:CPU's batched bf16 x bf16 -> fp32 dot is UNIMPLEMENTED otherwise
+    h = jnp.einsum("btd,edf->ebtf", x, w_up, preferred_element_type=jnp.float32).astype(w_up.dtype)
+    y = jnp.einsum("ebtf,efd->ebtd", _swiglu(h, c.moe_intermediate_size), w_down, preferred_element_type=jnp.float32)
     onehot = jax.nn.one_hot(choice_BT, c.num_experts + 1, dtype=jnp.float32)[..., : c.num_experts]
-    return jnp.einsum("bted,bte->btd", y, onehot * gate_BT[..., None])
+    return jnp.einsum("ebtd,bte->btd", y, onehot * gate_BT[..., None])
 
 
+@register("ragged")
 def experts_ragged(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
     B, T, D = m_BTD.shape
     E = c.num_experts
@@ -65,14 +92,27 @@ def experts_ragged(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
     return out.reshape(B, T, D)
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
+register("gather")(moe_dispatch.experts_gather)
+register("sorted")(moe_dispatch.experts_sorted)
+register("pallas")(moe_dispatch.experts_pallas)
 
 
-def moe(p_router: dict, p_experts: dict, c: ZayaConfig, m_BTD, prev_r, impl: str = "ragged"):
+def auto_impl(n_tokens: int, num_experts: int) -> str:
+    """The impl ``auto`` runs here (this process's backend) for a static token count B*T."""
+    from zaya.kernels.platform import backend
+    return moe_dispatch.auto_choice(backend(), n_tokens, num_experts)
+
+
+@register("auto")
+def experts_auto(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
+    B, T, _ = m_BTD.shape
+    return get_impl(auto_impl(B * T, c.num_experts))(p, c, m_BTD, choice_BT, gate_BT)
+
+
+def moe(p_router: dict, p_experts: dict, c: ZayaConfig, m_BTD, prev_r, impl: str = "auto"):
     """Returns (output [B, T, D] fp32, router state for the next layer, stats)."""
-    if impl not in EXPERT_IMPLS:
-        raise ValueError(f"unknown MoE impl {impl!r}; choose one of {sorted(EXPERT_IMPLS)}")
+    fn = get_impl(impl)
     choice, gate, r, probs = router(p_router, c, m_BTD, prev_r)
-    y = EXPERT_IMPLS[impl](p_experts, c, m_BTD, choice, gate)
+    y = fn(p_experts, c, m_BTD, choice, gate)
     stats = {"counts": jnp.bincount(choice.reshape(-1), length=c.num_experts + 1), "probs_mean": probs.mean((0, 1))}
     return y, r, stats

@@ -224,6 +224,7 @@ def validate(cfg):
     from zaya.model.attention import IMPLS
     if cfg.impl.attention not in IMPLS:
         raise ConfigError(f"config.impl.attention={cfg.impl.attention!r}; registered: {sorted(IMPLS)}")
-    if cfg.impl.moe not in ("ragged", "dense"):
-        raise ConfigError(f"config.impl.moe={cfg.impl.moe!r}; use 'ragged' or 'dense'")
+    from zaya.model.moe import EXPERT_IMPLS
+    if cfg.impl.moe not in EXPERT_IMPLS:
+        raise ConfigError(f"config.impl.moe={cfg.impl.moe!r}; registered: {sorted(EXPERT_IMPLS)}")
     return cfg
