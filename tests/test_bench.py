@@ -123,6 +123,17 @@ def test_cli_dispatch(monkeypatch, tmp_path, what):
     assert calls == want
 
 
+@pytest.mark.parametrize("what", ["attention", "moe", "system"])
+def test_cli_dispatch_kernels_and_system(monkeypatch, what):
+    import importlib
+    mod = importlib.import_module(f"zaya.bench.{what}")
+    calls = []
+    monkeypatch.setattr(mod, "run", lambda *a, **k: calls.append(a) or [])
+    cli.main(argparse.Namespace(what=what, preset=["zaya1-8b-4l"], out=None, quick=True, compile_cache=False))
+    want = {"attention": (None, True), "moe": (None, True), "system": ("zaya1-8b-4l", None, True)}[what]
+    assert calls == [want]
+
+
 def test_compile_cache_is_scoped_to_the_command(monkeypatch, tmp_path):
     """`zaya bench` uses jax's persistent cache while it runs and leaves jax.config as it found it (a benchmark run
     from a notebook must not switch the process onto the on-disk cache)."""

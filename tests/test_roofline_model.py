@@ -171,3 +171,10 @@ def test_a_registered_sampler_reaches_the_roofline():
     assert st["seconds"] == pytest.approx(base["seconds"] + R.forward_cost(Z8, H100, 4, 1, 4096)["seconds"])
     with pytest.raises(ValueError, match="unknown sampler 'tf3'"):
         R.step_cost(Z8, H100, "tf3", 4, 4096)
+
+
+@pytest.mark.parametrize("kind,want", [("NVIDIA H200", 4.8e12), ("NVIDIA H100 80GB HBM3", 3.35e12),
+                                       ("AMD Instinct MI300X", 5.3e12), ("AMD Instinct MI250X", 3.2e12),
+                                       ("cpu", None)])
+def test_hbm_bandwidth_by_device_kind(kind, want):
+    assert R.hbm_bandwidth(kind) == want

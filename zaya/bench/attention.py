@@ -7,9 +7,9 @@ kernel (``reference`` when T x (C + T) is small, ``chunked`` otherwise), both th
 part, new-chunk part and merge) on the same arrays, interleaved so machine load hits both alike.
 
 Achieved bandwidth counts the bytes the call must move: the valid cache K and V (B x cache_len x K x d x 2) plus the
-queries, the new keys/values and the output; "of HBM" divides by the device's nominal bandwidth (``HBM_BYTES_S``,
-None for devices not listed). On CPU the kernel runs in Pallas interpret mode: ``quick`` then runs a tiny size as a
-smoke test and the table is labelled as interpret-mode numbers, which say nothing about speed.
+queries, the new keys/values and the output; "of HBM" divides by the device's nominal bandwidth (the roofline's
+hardware table, None for devices not listed). On CPU the kernel runs in Pallas interpret mode: ``quick`` then runs a
+tiny size as a smoke test and the table is labelled as interpret-mode numbers, which say nothing about speed.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from zaya import layouts
 from zaya.bench import common
+from zaya.bench.roofline_model import hbm_bandwidth
 from zaya.kernels import decode_attention as kernel
 from zaya.kernels import platform
 from zaya.model import attention
@@ -26,14 +27,6 @@ H, K, D = 8, 2, 128  # ZAYA1-8B attention geometry
 WIDTHS = (1, 17, 85, 272)
 CACHES = (4096, 32768, 131072)
 BATCHES = (1, 16)
-# Nominal HBM bandwidth (bytes/s) by a substring of jax's device_kind (SXM / OAM parts).
-HBM_BYTES_S = {"H100": 3.35e12, "H200": 4.8e12, "MI300X": 5.3e12, "MI250": 3.2e12}
-
-
-def hbm_bandwidth(device_kind: str) -> float | None:
-    return next((bw for name, bw in HBM_BYTES_S.items() if name.lower() in device_kind.lower()), None)
-
-
 def _layout(T: int, length_B):
     """The decode layout of that width: causal (AR), verify, single_forward (levels 0,4,7,11), tidar_published."""
     N = 16

@@ -9,7 +9,7 @@ step of a real model finds them evicted by the other layers' weights), and repor
   ms           median wall time, compile excluded
   GB/s         useful bytes / time; useful bytes = weights of the experts the tokens are routed to (each once) +
                activations (input in the weight dtype, fp32 output), i.e. what a routed-only kernel must move
-  HBM          GB/s as a fraction of the GPU's nominal bandwidth (NOMINAL_HBM; GPU runs only)
+  HBM          GB/s as a fraction of the GPU's nominal bandwidth (the roofline's hardware table; GPU runs only)
   vs ragged    t(impl) / t(ragged) in the same run (< 1: faster than ragged)
 
 On CPU ``pallas`` runs in interpret mode: run only with ``quick`` (small sizes) and labelled "interpret (not speed)";
@@ -24,19 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from zaya.bench import common
+from zaya.bench.roofline_model import hbm_bandwidth
 
 IMPLS = ("dense", "ragged", "gather", "sorted", "pallas", "auto")
 FULL = dict(hidden_size=2048, moe_intermediate_size=2048, num_experts=16)  # ZAYA1-8B
 QUICK = dict(hidden_size=128, moe_intermediate_size=128, num_experts=16)
 TOKENS, BATCHES = (1, 17, 85, 272, 512), (1, 16)
 FLUSH_BYTES = 256 << 20
-NOMINAL_HBM = {"H200": 4.8e12, "H100": 3.35e12, "MI300X": 5.3e12, "MI250": 3.2e12}  # bytes/s
-
-
-def nominal_hbm(device_kind: str) -> float | None:
-    """Nominal HBM bandwidth of a GPU from its device kind (None when unknown, e.g. CPU)."""
-    kind = device_kind.upper().replace(" ", "")
-    return next((v for k, v in NOMINAL_HBM.items() if k in kind), None)
 
 
 def _setup(geom: dict, dtype: str, B: int, T: int, seed: int = 0):
@@ -80,7 +74,7 @@ def bench_shape(geom: dict, dtype: str, B: int, T: int, impls=IMPLS, repeats: in
     c, p, m, choice, gate = _setup(geom, dtype, B, T)
     args = (p, m, choice, gate)
     nbytes = useful_bytes(c, p, choice)
-    hbm = nominal_hbm(jax.devices()[0].device_kind) if platform.backend() != "cpu" else None
+    hbm = hbm_bandwidth(jax.devices()[0].device_kind) if platform.backend() != "cpu" else None
     rows, calls = [], []
     for impl in impls:
         row = {"impl": impl, "B": B, "T": T, "tokens": B * T, "dtype": dtype, "useful_MB": nbytes / 1e6,

@@ -66,9 +66,23 @@ HARDWARE = {
                      "NVIDIA H200 datasheet: BF16 1,979 TFLOPS with sparsity (989 dense), 4.8 TB/s HBM3e, 141 GB"),
     "MI300X": Hardware("MI300X", 5.3e12, 1307.4e12, 192e9, GPU_OVERHEAD,
                        "AMD Instinct MI300X datasheet: BF16 1,307.4 TFLOPS dense (2,614.9 sparse), 5.3 TB/s, 192 GB"),
+    "MI250X": Hardware("MI250X", 3.2e12, 383e12, 128e9, GPU_OVERHEAD,
+                       "AMD Instinct MI250X datasheet: BF16 383 TFLOPS dense, 3.2 TB/s HBM2e, 128 GB"),
     "MI355X": Hardware("MI355X", 8.0e12, 2516.6e12, 288e9, GPU_OVERHEAD,
                        "AMD Instinct MI355X datasheet: BF16 2.5 PFLOPS dense (5.0 sparse), 8 TB/s HBM3E, 288 GB"),
 }
+
+
+def hardware_of(device_kind: str) -> Hardware | None:
+    """The entry for a jax ``device_kind`` ("NVIDIA H200", "AMD Instinct MI300X" ...), None when not listed (CPU)."""
+    kind = device_kind.lower()
+    return next((hw for key, hw in HARDWARE.items() if key.lower() in kind), None)
+
+
+def hbm_bandwidth(device_kind: str) -> float | None:
+    """Nominal HBM bytes/s of a jax ``device_kind`` (None when not listed: "of HBM" columns stay empty)."""
+    hw = hardware_of(device_kind)
+    return None if hw is None else hw.bandwidth
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zaya.bench import common
-from zaya.bench.roofline_model import HARDWARE, Hardware, fits, forward_cost, step_cost
+from zaya.bench.roofline_model import Hardware, fits, forward_cost, hardware_of, step_cost
 
 CONV_WINDOW = 512
 PROMPT = 16
@@ -37,10 +37,9 @@ SAMPLERS = (  # (label, sampler, options) at block size 16: the ZAYA1 recipe's b
 
 def detect_hardware() -> Hardware | None:
     """The roofline's entry for this accelerator (by device kind), or None (CPU, or a GPU it has no numbers for)."""
-    kind = jax.devices()[0].device_kind.lower()
     if jax.default_backend() == "cpu":
         return None
-    return next((hw for key, hw in HARDWARE.items() if key.lower() in kind), None)
+    return hardware_of(jax.devices()[0].device_kind)
 
 
 def _state_fn(model, sampler: str, batch: int, context: int, max_new: int, seed: int = 0, **opts):
