@@ -123,8 +123,9 @@ def sampler_speedups(model, batch: int, context: int, betas, max_new: int, repea
 
 def run(preset: str | None = None, out: str | None = None, quick: bool = False, batches=None, contexts=None,
         sampler_batch: int | None = None, sampler_context: int | None = None, betas=None,
-        max_new: int | None = None, repeats: int | None = None, samplers=SAMPLERS) -> dict:
-    """Both tables for one random-weight preset (default: zaya1-8b on an accelerator, tiny on CPU)."""
+        max_new: int | None = None, repeats: int | None = None, samplers=SAMPLERS, ar_grid: bool = True) -> dict:
+    """Both tables for one random-weight preset (default: zaya1-8b on an accelerator, tiny on CPU); ``ar_grid=False``
+    leaves out the AR batch x context table (a second call for more samplers)."""
     on_cpu = jax.default_backend() == "cpu"
     preset = preset or ("tiny" if on_cpu or quick else "zaya1-8b")
     small = quick or on_cpu
@@ -140,7 +141,7 @@ def run(preset: str | None = None, out: str | None = None, quick: bool = False, 
     model = common.random_model(preset)
     print(f"[bench system] {preset}: {common.config_summary(model.config)}; roofline hardware: "
           f"{hw.name if hw else 'none (CPU or unknown accelerator: no bound printed)'}", flush=True)
-    ar = ar_steps(model, batches, contexts, max_new, repeats, hw)
+    ar = ar_steps(model, batches, contexts, max_new, repeats, hw) if ar_grid else []
     smp = sampler_speedups(model, sampler_batch, sampler_context, betas, max_new, repeats, hw, samplers)
     label = "" if hw else " (no roofline for this device: ratios only)"
     md = "\n".join([
