@@ -25,7 +25,7 @@ from zaya.model.moe import moe
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """Implementation choices (static under jit); they never change the math."""
-    attention: str = "auto"  # zaya.model.attention.IMPLS; auto: dense when small, chunked (O(T) memory) when long
+    attention: str = "auto"  # zaya.model.attention.IMPLS; auto: the Pallas kernel for decode on GPU, else XLA
     moe: str = "auto"  # zaya.model.moe.EXPERT_IMPLS; auto: by backend and token count (moe_dispatch.auto_choice)
     remat: bool = False
 
