@@ -131,21 +131,26 @@ def test_cache_shardings_and_decoding_on_a_mesh(params, tokens, reference):
 
 
 def test_generate_on_a_mesh_never_picks_the_unpartitioned_kernel(params, tokens, monkeypatch):
-    """On a GPU, attention "auto" picks the Pallas kernel for cached calls; XLA cannot partition its custom call
-    (it would gather the sharded cache), so zaya.generate on a multi-device mesh runs impl "xla" instead."""
+    """On a GPU, "auto" picks the Pallas kernels for decode shapes; XLA cannot partition their custom calls (it would
+    gather the sharded cache or expert weights), so on a multi-device mesh zaya.generate and Model.logits run the
+    XLA paths (sharding.mesh_impl: attention "xla", MoE "ragged")."""
     import zaya
     from zaya.api import Model
-    from zaya.model import attention
+    from zaya.model import attention, moe
 
     def refuse(*a):
-        raise AssertionError("the Pallas kernel was traced on a multi-device mesh")
+        raise AssertionError("a Pallas kernel was traced on a multi-device mesh")
     monkeypatch.setattr(attention.platform, "backend", lambda: "cuda")
     monkeypatch.setitem(attention.IMPLS, "pallas", refuse)
+    monkeypatch.setitem(moe.EXPERT_IMPLS, "pallas", refuse)
     assert attention.auto_choice(1, 64, cached=True, G=2, d=16) == "pallas"  # what a GPU would run off the mesh
+    assert moe.auto_impl(4, CFG.num_experts) == "pallas"
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    model = Model(CFG, sharding.shard_params(params, CFG, mesh), Impl(moe="ragged"), mesh=mesh)
+    model = Model(CFG, sharding.shard_params(params, CFG, mesh), Impl(), mesh=mesh)
     res = zaya.generate(model, np.asarray(tokens[:4, :6]), max_new_tokens=3)
     assert all(len(t) == 3 for t in res.tokens)
+    assert model.logits(np.asarray(tokens[:4, :6])).shape[:2] == (4, 6)
+    assert sharding.mesh_impl(Impl(attention="pallas"), mesh).attention == "pallas"  # explicit choices are kept
 
 
 def test_load_with_mesh_gives_same_logits(fixtures_dir):

@@ -31,6 +31,7 @@ Tests: ``tests/test_sharding.py`` (8 simulated CPU devices; sharded logits and d
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -158,6 +159,16 @@ def _per_batch_shard(fn, mesh: Mesh, dp, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=names, check_vma=False)
 
 
+def mesh_impl(impl: Impl, mesh: Mesh | None) -> Impl:
+    """The implementations to run on ``mesh``. The Pallas kernels are single-device custom calls that XLA's
+    partitioner cannot split (it would gather a sharded cache or sharded expert weights onto every device), so on a
+    multi-device mesh ``auto`` means the XLA paths: attention ``xla``, MoE ``ragged``. Explicit choices are kept."""
+    if mesh is None or mesh.size == 1:
+        return impl
+    return dataclasses.replace(impl, attention="xla" if impl.attention == "auto" else impl.attention,
+                               moe="ragged" if impl.moe == "auto" else impl.moe)
+
+
 def sharded_logits_fn(config: ZayaConfig, mesh: Mesh, rules: Rules | None = None, impl: Impl = Impl(),
                       batch: int | None = None):
     """A jitted ``(params, tokens_BT) -> logits_BTV`` (full causal forward, no cache) on ``mesh``.
@@ -167,6 +178,7 @@ def sharded_logits_fn(config: ZayaConfig, mesh: Mesh, rules: Rules | None = None
     it are left out; without it, B must divide by the product of the batch axes.
     """
     dp = _batch_axes(mesh, rules, batch)
+    impl = mesh_impl(impl, mesh)
 
     def local(params, tokens_BT):
         B, T = tokens_BT.shape

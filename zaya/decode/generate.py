@@ -146,14 +146,15 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     o = smp.options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                     stop=stop, **sampler_opts)  # the one validation of this call
     cfg, params, impl = model.config, model.params, model.impl
-    if getattr(model, "mesh", None) is not None and model.mesh.size > 1 and impl.attention == "auto":
-        impl = dataclasses.replace(impl, attention="xla")  # the Pallas kernel would gather a sharded cache
+    mesh = getattr(model, "mesh", None)
+    if mesh is not None:
+        from zaya.sharding import mesh_impl
+        impl = mesh_impl(impl, mesh)  # no Pallas custom call on a multi-device mesh (it would gather the cache)
     rows = _as_rows(prompt_ids)
     pad_to = max(int(pad_to), 1)
     B, Tp = len(rows), -(-max(map(len, rows)) // pad_to) * pad_to
     if any(t < 0 or t >= cfg.vocab_size for r in rows for t in r):
         raise ValueError(f"prompt ids must be in [0, {cfg.vocab_size})")
-    mesh = getattr(model, "mesh", None)
     pre, init, step, run, compiled = _jitted(smp, cfg, impl, o, mesh, getattr(model, "rules", None) if mesh else None)
 
     prompt = np.full((B, Tp), cfg.pad_token_id, np.int32)
