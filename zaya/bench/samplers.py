@@ -313,8 +313,9 @@ def markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperat
         + f"; every config decodes all prompts in batches of its batch size; medians of {repeats} interleaved runs "
         "(AR, config) after a warm-up; compile excluded", "",
         common.md_table(rows, COLUMNS), "",
-        "tok/fwd: committed tokens per forward per row (every forward after the prefill; mask-anchored samplers "
-        "draft their first block in the prefill forward); tok/step: per sampler step "
+        "tok/fwd: committed tokens per forward per active row (every forward after the prefill, charged only to "
+        "the rows still generating when it ran; mask-anchored samplers draft their first block in the prefill "
+        "forward); tok/step: per sampler step "
         "(TF = 2 forwards); useful slots: committed tokens / query tokens computed; break-even tok/step: ms/step / AR "
         "ms/step, the tokens per step this layout needs to match AR on this machine; speedup (decode): AR decode-loop "
         "seconds / config decode-loop seconds; bound: the decode speedup if every block were fully accepted (the "
