@@ -252,11 +252,13 @@ def _expert_dots(jaxpr, out):
 
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 8), (4, 300)])
 def test_default_multiplies_no_unrouted_expert(B, T):
-    """The default (auto): no dot against all E experts' weights at once, and no ragged_dot (dense on XLA:CPU)
-    except where auto picks ragged on purpose (GPU, long inputs). On CPU auto is sorted at every size."""
+    """The inference default (auto, what zaya.Model runs): no dot against all E experts' weights at once, and no
+    ragged_dot (dense on XLA:CPU) except where auto picks ragged on purpose (GPU, long inputs). On CPU auto is
+    sorted at every size."""
+    from zaya.api import Model
     c = C6
     want = moe.auto_impl(B * T, c.num_experts)
-    assert transformer.Impl().moe == "auto" and (backend() != "cpu" or want == "sorted")
+    assert Model(c, {}).impl.moe == transformer.INFERENCE.moe == "auto" and (backend() != "cpu" or want == "sorted")
     pr, pe = _layer0(c, 0)
     f = lambda m: moe.moe(pr, pe, c, m, jnp.zeros((B, T, c.router_hidden_size)))[0]
     dots = _expert_dots(jax.make_jaxpr(f)(jnp.zeros((B, T, c.hidden_size))).jaxpr, [])

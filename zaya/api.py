@@ -14,14 +14,14 @@ from zaya.config import ZayaConfig
 from zaya.convert import checkpoint as ckpt
 from zaya.convert.hf import load_hf
 from zaya.model.params import cast
-from zaya.model.transformer import Impl, apply
+from zaya.model.transformer import INFERENCE, Impl, apply
 
 
 @dataclasses.dataclass
 class Model:
     config: ZayaConfig
     params: dict
-    impl: Impl = Impl()
+    impl: Impl = INFERENCE
     tokenizer: str | None = None  # path of tokenizer.json, if the checkpoint has one
     mesh: object = None           # a jax Mesh: logits run sharded (batch over data/fsdp, heads/experts inside)
     rules: object = None          # logical-axis rules for the mesh (None: zaya.sharding.DEFAULT_RULES)
@@ -82,4 +82,4 @@ def load(path: str, dtype: str | None = "float32", mesh=None, rules=None, impl: 
             params = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
         tok = os.path.join(path, "tokenizer.json")
         tok = tok if os.path.exists(tok) else None
-    return Model(cfg, params, impl or Impl(), tok, mesh, rules)
+    return Model(cfg, params, impl or INFERENCE, tok, mesh, rules)

@@ -83,10 +83,11 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
 def forward(ref, model, batch: int = 1, seq: int = 512, repeats: int = 5) -> dict:
     torch, _ = _need_reference()
     import jax
-    from zaya.bench.forward import _apply_fn
+    from zaya import layouts
+    from zaya.model.transformer import apply
     ids = np.random.default_rng(0).integers(5, model.config.vocab_size, (batch, seq)).astype(np.int32)
     ids_t = torch.as_tensor(ids, dtype=torch.long)
-    f = _apply_fn(model.config, False)
+    f = jax.jit(lambda p, x: apply(p, model.config, x, layouts.causal(batch, seq), None, model.impl)[0])
     ids_j = jax.numpy.asarray(ids)
 
     def run_ref():
