@@ -70,14 +70,15 @@ def _same_checkpoint(geometry: dict, workdir: str):
     return ref, zaya.load(zaya_dir, dtype="float32")
 
 
-def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up (zaya: compile)
+def _median_time(fn, repeats: int) -> tuple[float, list[float], object]:
+    """(median seconds, all seconds, the last call's output) after one warm-up call (zaya: compile)."""
+    fn()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), ts
+    return statistics.median(ts), ts, out
 
 
 def forward(ref, model, batch: int = 1, seq: int = 512, repeats: int = 5) -> dict:
@@ -94,11 +95,9 @@ def forward(ref, model, batch: int = 1, seq: int = 512, repeats: int = 5) -> dic
         with torch.inference_mode():
             return ref(ids_t).logits
 
-    t_ref, all_ref = _median_time(run_ref, repeats)
-    t_z, all_z = _median_time(lambda: f(model.params, ids_j).block_until_ready(), repeats)
-    with torch.inference_mode():
-        want = ref(ids_t).logits.float().numpy()
-    err = float(np.abs(np.asarray(f(model.params, ids_j)) - want).max())
+    t_ref, all_ref, want = _median_time(run_ref, repeats)
+    t_z, all_z, got = _median_time(lambda: f(model.params, ids_j).block_until_ready(), repeats)
+    err = float(np.abs(np.asarray(got) - want.float().numpy()).max())
     return {"what": "forward", "batch": batch, "tokens": seq, "transformers_ms": 1e3 * t_ref, "zaya_ms": 1e3 * t_z,
             "ratio": t_z / t_ref, "max_abs_logit_diff": err, "transformers_all_s": all_ref, "zaya_all_s": all_z}
 
@@ -120,10 +119,9 @@ def decode(ref, model, batch: int = 1, prompt_len: int = 32, new_tokens: int = 6
     def run_z():
         return zaya.generate(model, prompts, sampler="ar", max_new_tokens=new_tokens, loop=loop)
 
-    t_ref, all_ref = _median_time(run_ref, repeats)
-    t_z, all_z = _median_time(run_z, repeats)  # wall time of generate (prefill + loop), compile excluded
-    want = run_ref()[:, prompt_len:].tolist()
-    got = run_z().tokens
+    t_ref, all_ref, out_ref = _median_time(run_ref, repeats)
+    t_z, all_z, out_z = _median_time(run_z, repeats)  # wall time of generate (prefill + loop), compile excluded
+    want, got = out_ref[:, prompt_len:].tolist(), out_z.tokens
     return {"what": f"decode (AR greedy, {loop} loop)", "batch": batch, "tokens": new_tokens,
             "transformers_ms": 1e3 * t_ref, "zaya_ms": 1e3 * t_z, "ratio": t_z / t_ref, "same_tokens": got == want,
             "transformers_all_s": all_ref, "zaya_all_s": all_z}

@@ -181,11 +181,16 @@ def auto_choice(T: int, S: int, cached: bool = False, G: int = 1, d: int = 128) 
     return "reference" if T * S <= AUTO_DENSE_MAX else "chunked"
 
 
-@register("auto")
-def _auto(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+def _pick(q_BTHd, k_BTKd, cache_k, kernel: bool) -> str:
+    """auto_choice from the call's static shapes; ``kernel=False``: never the Pallas kernel."""
     S = k_BTKd.shape[1] + (0 if cache_k is None else cache_k.shape[1])
     B, T, H, d = q_BTHd.shape
-    name = auto_choice(T, S, cache_k is not None, H // k_BTKd.shape[2], d)  # static shapes: decided once per trace
+    return auto_choice(T, S, kernel and cache_k is not None, H // k_BTKd.shape[2], d)
+
+
+@register("auto")
+def _auto(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
+    name = _pick(q_BTHd, k_BTKd, cache_k, kernel=True)  # static shapes: decided once per trace
     return IMPLS[name](q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len)
 
 
@@ -193,8 +198,7 @@ def _auto(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
 def _xla(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
     """``auto`` without the kernel: what ``zaya.generate`` runs on a multi-device mesh, where XLA's partitioner
     cannot split the kernel's custom call and would gather the whole sharded KV cache onto every device."""
-    S = k_BTKd.shape[1] + (0 if cache_k is None else cache_k.shape[1])
-    name = auto_choice(q_BTHd.shape[1], S)
+    name = _pick(q_BTHd, k_BTKd, cache_k, kernel=False)
     return IMPLS[name](q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len)
 
 

@@ -8,7 +8,8 @@ Expert dispatch implementations, all dropless with identical math (forward and g
   gather  per-token matvecs on gathered expert weights (few tokens)            } zaya.model.moe_dispatch:
   sorted  expert-sorted row tiles, a scan of tile matmuls (any backend)          } routed work only
   pallas  the same tiles through a Pallas grouped-matmul kernel (GPU decode)     }
-  auto    (the default) one of the above by backend and static token count: ``moe_dispatch.auto_choice``
+  auto    one of the above by backend and static token count (``moe_dispatch.auto_choice``): ``moe()``'s and
+          zaya.Model's default (``transformer.INFERENCE``); ``Impl()``, hence training, keeps ``ragged``
 The skip class (e* == E) outputs 0 as in mainline transformers and vLLM; how often it wins is returned so callers
 can count it.
 """
@@ -79,10 +80,8 @@ def experts_ragged(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
     B, T, D = m_BTD.shape
     E = c.num_experts
     w_up, w_down = p["gate_up"], p["down"]
-    x = m_BTD.reshape(B * T, D).astype(w_up.dtype)
-    skip = choice_BT.reshape(-1) == E
-    e = jnp.where(skip, E - 1, choice_BT.reshape(-1))  # skip tokens ride along with weight 0
-    w = jnp.where(skip, 0.0, gate_BT.reshape(-1))
+    x, e, w = moe_dispatch.routed_tokens(m_BTD, choice_BT, gate_BT, E, w_up.dtype)  # skip tokens: gate 0
+    e = jnp.where(e == E, E - 1, e)  # skip tokens ride along with the last expert, weight 0
     order = jnp.argsort(e, stable=True)
     sizes = jnp.bincount(e, length=E).astype(jnp.int32)
     h = jax.lax.ragged_dot(x[order], w_up, sizes, preferred_element_type=jnp.float32).astype(w_up.dtype)
