@@ -12,17 +12,17 @@ from zaya.kernels import platform
 from zaya.model import moe
 
 
-def _operands(dtype, M=16, D=64, K=64, E=3, tile_expert=(0, 0, 2, -1)):
+def _operands(dtype, U=16, D=64, O=64, E=3, tile_expert=(0, 0, 2, -1)):
     key = jax.random.PRNGKey(0)
     te = jnp.asarray(tile_expert, jnp.int32)
-    x = jax.random.normal(key, (len(tile_expert) * M, D)).astype(dtype)
-    w = jax.random.normal(jax.random.fold_in(key, 1), (E, D, K)).astype(dtype)
+    x = jax.random.normal(key, (len(tile_expert) * U, D)).astype(dtype)
+    w = jax.random.normal(jax.random.fold_in(key, 1), (E, D, O)).astype(dtype)
     return x, w, te
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
 def test_grouped_matmul_equals_reference(dtype, tol):
-    """Two K-steps (block_k 32 < D) and two column tiles (block_n 32 < K); tile 3 is unused (-1): zeros."""
+    """Two steps over D (block_k 32 < D) and two column tiles (block_n 32 < O); tile 3 is unused (-1): zeros."""
     x, w, te = _operands(dtype)
     y = jax.jit(lambda x, w, te: gmm.grouped_matmul(x, w, te, block_n=32, block_k=32))(x, w, te)
     want = gmm.reference(x, w, te)
@@ -32,9 +32,9 @@ def test_grouped_matmul_equals_reference(dtype, tol):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(M=8), "8 rows per tile.*power of two >= 16"),
-    (dict(D=24), "D=24, K=64 not multiples of 16"),
-    (dict(K=40), "D=64, K=40 not multiples of 16")])
+    (dict(U=8), "8 rows per tile.*power of two >= 16"),
+    (dict(D=24), "D=24, O=64 not multiples of 16"),
+    (dict(O=40), "D=64, O=40 not multiples of 16")])
 def test_unsupported_shapes_raise(kwargs, match):
     x, w, te = _operands("float32", **kwargs)
     with pytest.raises(ValueError, match=f"grouped_matmul: {match}"):

@@ -9,12 +9,11 @@ import pytest
 
 from zaya import layouts
 from zaya.config import preset
-from zaya.kernels.platform import backend
 from zaya.model import moe, moe_dispatch, transformer
 from zaya.model.params import param_dtype, param_specs
 
 # Each compared with "dense". "auto" runs one of these (test_default_multiplies_no_unrouted_expert checks which; on
-# CPU it is sorted; test_model.py runs the default end to end), so it is not repeated here.
+# CPU it is ragged; test_model.py runs the default end to end), so it is not repeated here.
 IMPLS = ["ragged", "gather", "sorted", "pallas"]
 C6 = preset("tiny", num_experts=6)
 
@@ -180,23 +179,23 @@ def test_gate_is_unrenormalised_probability():
 # ----------------------------------------------------------------------------------------------------------------
 # Sorted tiles: the plan never pairs a token with an expert it is not routed to.
 
-@pytest.mark.parametrize("M", [1, 4, 16])
-def test_tile_plan(M):
+@pytest.mark.parametrize("U", [1, 4, 16])
+def test_tile_plan(U):
     E = 6
-    e_N = jnp.asarray(_routing("mixed", E, jax.random.PRNGKey(0)).reshape(-1), jnp.int32)
-    N = e_N.shape[0]
-    plan = jax.jit(moe_dispatch.tile_plan, static_argnums=(1, 2))(e_N, E, M)
+    e_A = jnp.asarray(_routing("mixed", E, jax.random.PRNGKey(0)).reshape(-1), jnp.int32)
+    A = e_A.shape[0]
+    plan = jax.jit(moe_dispatch.tile_plan, static_argnums=(1, 2))(e_A, E, U)
     row_token, tile_expert, token_row = (np.asarray(a) for a in plan)
-    e = np.asarray(e_N)
+    e = np.asarray(e_A)
     n_e = np.bincount(e, minlength=E + 1)[:E]
-    assert len(tile_expert) == moe_dispatch.num_tiles(N, E, M) and len(row_token) == len(tile_expert) * M
-    assert (tile_expert >= 0).sum() == (-(-n_e // M)).sum()  # used tiles: ceil(n_e / M) per expert, in front
+    assert len(tile_expert) == moe_dispatch.num_tiles(A, E, U) and len(row_token) == len(tile_expert) * U
+    assert (tile_expert >= 0).sum() == (-(-n_e // U)).sum()  # used tiles: ceil(n_e / U) per expert, in front
     assert (tile_expert[(tile_expert >= 0).sum():] == -1).all()
-    real = row_token < N
+    real = row_token < A
     assert real.sum() == n_e.sum()  # each routed token once; skip tokens in no row
-    assert (e[row_token[real]] == np.repeat(tile_expert, M)[real]).all()  # a row's token is routed to its tile
+    assert (e[row_token[real]] == np.repeat(tile_expert, U)[real]).all()  # a row's token is routed to its tile
     routed = e < E
-    assert (row_token[token_row[routed]] == np.arange(N)[routed]).all() and (token_row[~routed] == len(row_token)).all()
+    assert (row_token[token_row[routed]] == np.arange(A)[routed]).all() and (token_row[~routed] == len(row_token)).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +224,7 @@ def test_unknown_impl_lists_the_registered():
 
 
 @pytest.mark.parametrize("backend,n_tokens,want", [
-    ("cpu", 1, "sorted"), ("cpu", 16, "sorted"), ("cpu", 4352, "sorted"),
+    ("cpu", 1, "ragged"), ("cpu", 16, "ragged"), ("cpu", 4352, "ragged"),
     ("cuda", 1, "pallas"), ("cuda", 272, "pallas"), ("cuda", 512, "pallas"), ("cuda", 513, "ragged"),
     ("rocm", 17, "pallas"), ("rocm", 8192, "ragged")])
 def test_auto_choice(backend, n_tokens, want):
@@ -250,15 +249,20 @@ def _expert_dots(jaxpr, out):
     return out
 
 
+@pytest.mark.parametrize("target", ["cuda", "rocm"])
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 8), (4, 300)])
-def test_default_multiplies_no_unrouted_expert(B, T):
-    """The inference default (auto, what zaya.Model runs): no dot against all E experts' weights at once, and no
-    ragged_dot (dense on XLA:CPU) except where auto picks ragged on purpose (GPU, long inputs). On CPU auto is
-    sorted at every size."""
+def test_default_multiplies_no_unrouted_expert(monkeypatch, target, B, T):
+    """The inference default (auto, what zaya.Model runs) on a GPU backend: no dot against all E experts' weights at
+    once, and no ragged_dot except where auto picks ragged on purpose (long inputs, where it is grouped). Traced
+    with the backend reported as ``target`` (the Pallas call is only traced, not run). On CPU auto is ragged."""
     from zaya.api import Model
+    from zaya.kernels import platform
     c = C6
+    assert Model(c, {}).impl.moe == transformer.INFERENCE.moe == "auto"
+    assert moe.auto_impl(B * T, c.num_experts) == "ragged"  # this CPU
+    monkeypatch.setattr(platform, "backend", lambda: target)
     want = moe.auto_impl(B * T, c.num_experts)
-    assert Model(c, {}).impl.moe == transformer.INFERENCE.moe == "auto" and (backend() != "cpu" or want == "sorted")
+    assert want == ("pallas" if B * T <= moe_dispatch.GPU_PALLAS_MAX else "ragged")
     pr, pe = _layer0(c, 0)
     f = lambda m: moe.moe(pr, pe, c, m, jnp.zeros((B, T, c.router_hidden_size)))[0]
     dots = _expert_dots(jax.make_jaxpr(f)(jnp.zeros((B, T, c.hidden_size))).jaxpr, [])

@@ -7,7 +7,7 @@ the unnormalised state ``(m, l, acc)`` of ``attention._partial`` ([B, K, G, T], 
 so ``attention._merge`` folds in the new-chunk part (T x T, any mask, XLA) by log-sum-exp: cascade attention.
 
 How (one Triton-style source for CUDA and ROCm; ``interpret=True`` on CPU):
-  grid (B, K, row tiles, splits). The R = G*T query rows of kv head k (row r = g*T + t, the [G, T] order of
+  grid (B, K, row tiles, splits). The Q = G*T query rows of kv head k (row r = g*T + t, the [G, T] order of
   ``attention._queries``) are packed into tiles of ``block_q`` rows (a power of two >= 16; padded rows are masked
   and dropped), so GQA heads and all T new tokens share every cache read. Split s of row b takes an equal share of
   the row's *valid* key tiles (bounds computed at run time from cache_len[b]), so a program loops only over tiles
@@ -73,20 +73,20 @@ def plan(B: int, K: int, G: int, T: int, d: int, S: int, block_q: int | None = N
          splits: int | None = None, num_warps: int | None = None) -> dict:
     """Block sizes, splits and warps for a call (None: the heuristics), checked against the kernel's limits.
 
-    block_q: query rows per program, all R = G*T rows up to 128 (64 for d > 128, so the fp32 accumulator tile
+    block_q: query rows per program, all Q = G*T rows up to 128 (64 for d > 128, so the fp32 accumulator tile
     [block_q, d] stays in registers). block_k: keys per loop step, 64 (32 for d > 128; less for tiny caches).
     splits: enough that B*K*row_tiles*splits >= ~2x the SM/CU count (long caches, small batches fill the GPU),
     keeping >= 4 key tiles per split of a full cache (short caches: the combine would cost more than it gains).
     """
     check_shapes(T, G, d)
-    R, d_pad = G * T, max(16, platform.next_pow2(d))
+    Q, d_pad = G * T, max(16, platform.next_pow2(d))
     wide = d_pad > 128
-    block_q = block_q or min(max(16, platform.next_pow2(R)), 64 if wide else 128)
+    block_q = block_q or min(max(16, platform.next_pow2(Q)), 64 if wide else 128)
     block_k = block_k or min(32 if wide else 64, max(16, platform.next_pow2(S)))
     for name, n in (("block_q", block_q), ("block_k", block_k)):
         platform.check_limit(n >= 16 and n == platform.next_pow2(n), NAME, f"{name}={n} is not a power of two >= 16",
                              "Triton needs power-of-two blocks and dot tiles >= 16")
-    row_tiles = -(-R // block_q)
+    row_tiles = -(-Q // block_q)
     if splits is None:
         want = -(-2 * device_cores() // (B * K * row_tiles))
         splits = max(1, min(want, -(-S // (4 * block_k))))
@@ -96,14 +96,14 @@ def plan(B: int, K: int, G: int, T: int, d: int, S: int, block_q: int | None = N
                 d_pad=d_pad)
 
 
-def _kernel(len_ref, ctx_ref, seg_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, T, R, d, block_k, splits,
+def _kernel(len_ref, ctx_ref, seg_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, T, Q, d, block_k, splits,
             precision):
     """One program: kv head k of batch row b, query rows [i*block_q, (i+1)*block_q), split s of the valid keys."""
     block_q, d_pad = q_ref.shape
     i, s = pl.program_id(2), pl.program_id(3)
     row = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
     col_ok = (jnp.arange(d_pad) < d)[None, :]
-    q = pltriton.load(q_ref, mask=(row < R)[:, None] & col_ok, other=0.0)  # [block_q, d_pad], scaled by d^-0.5
+    q = pltriton.load(q_ref, mask=(row < Q)[:, None] & col_ok, other=0.0)  # [block_q, d_pad], scaled by d^-0.5
     t = row % T  # the token of each row (padded rows: any valid index; they are dropped)
     q_ctx, q_seg = ctx_ref[t][:, None], seg_ref[t][:, None]
     length = len_ref[()]
@@ -139,19 +139,19 @@ def _kernel(len_ref, ctx_ref, seg_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_re
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "splits", "num_warps", "num_stages"))
 def split_states(q_BKGTd, cache_k_BSKd, cache_v_BSKd, cache_len_B, ctx_BT, seg_BT, *, block_q=None, block_k=None,
                  splits=None, num_warps=None, num_stages=None):
-    """The kernel's per-split states before ``combine``: m, l [B, K, splits, R] and acc [B, K, splits, R, d] fp32
-    (R = G*T, row r = g*T + t). Arguments as ``cache_attention``."""
+    """The kernel's per-split states before ``combine``: m, l [B, K, splits, Q] and acc [B, K, splits, Q, d] fp32
+    (Q = G*T, row r = g*T + t). Arguments as ``cache_attention``."""
     B, K, G, T, d = q_BKGTd.shape
     S = cache_k_BSKd.shape[1]
     cfg = plan(B, K, G, T, d, S, block_q, block_k, splits, num_warps)
     block_q, block_k, splits, row_tiles, d_pad = (cfg[n] for n in ("block_q", "block_k", "splits", "row_tiles",
                                                                    "d_pad"))
-    R = G * T
+    Q = G * T
     precision = jax.lax.Precision.HIGHEST if q_BKGTd.dtype == jnp.float32 else None
 
-    q_BKRd = q_BKGTd.reshape(B, K, R, d)  # free: [G, T] rows are contiguous
+    q_BKQd = q_BKGTd.reshape(B, K, Q, d)  # free: [G, T] rows are contiguous
     length_B = jnp.minimum(cache_len_B.astype(jnp.int32), S)  # a slot >= S is never read, whatever cache_len says
-    kernel = functools.partial(_kernel, T=T, R=R, d=d, block_k=block_k, splits=splits, precision=precision)
+    kernel = functools.partial(_kernel, T=T, Q=Q, d=d, block_k=block_k, splits=splits, precision=precision)
     sq = pl.squeezed
     stats = jax.ShapeDtypeStruct((B, K, splits, row_tiles * block_q), jnp.float32)
     m, l, acc = pl.pallas_call(
@@ -161,7 +161,7 @@ def split_states(q_BKGTd, cache_k_BSKd, cache_v_BSKd, cache_len_B, ctx_BT, seg_B
             pl.BlockSpec((sq,), lambda b, k, i, s: (b,)),  # cache_len [B] -> scalar
             pl.BlockSpec((sq, T), lambda b, k, i, s: (b, 0)),  # ctx [B, T] -> [T]
             pl.BlockSpec((sq, T), lambda b, k, i, s: (b, 0)),  # seg [B, T] -> [T]
-            pl.BlockSpec((sq, sq, block_q, d_pad), lambda b, k, i, s: (b, k, i, 0)),  # q [B, K, R, d]
+            pl.BlockSpec((sq, sq, block_q, d_pad), lambda b, k, i, s: (b, k, i, 0)),  # q [B, K, Q, d]
             pl.BlockSpec((sq, S, sq, d_pad), lambda b, k, i, s: (b, 0, k, 0)),  # cache_k [B, S, K, d] -> [S, d]
             pl.BlockSpec((sq, S, sq, d_pad), lambda b, k, i, s: (b, 0, k, 0)),  # cache_v
         ],
@@ -174,15 +174,15 @@ def split_states(q_BKGTd, cache_k_BSKd, cache_v_BSKd, cache_len_B, ctx_BT, seg_B
         compiler_params=platform.compiler_params(num_warps=cfg["num_warps"], num_stages=num_stages),
         interpret=platform.interpret(),
         name=NAME,
-    )(length_B, ctx_BT.astype(jnp.int32), seg_BT.astype(jnp.int32), q_BKRd, cache_k_BSKd, cache_v_BSKd)
-    return m[..., :R], l[..., :R], acc[..., :R, :d]
+    )(length_B, ctx_BT.astype(jnp.int32), seg_BT.astype(jnp.int32), q_BKQd, cache_k_BSKd, cache_v_BSKd)
+    return m[..., :Q], l[..., :Q], acc[..., :Q, :d]
 
 
-def combine(m_BKsR, l_BKsR, acc_BKsRd):
-    """Merge the splits (axis 2) by log-sum-exp: (m, l, acc) over all keys, [B, K, R] and [B, K, R, d]."""
-    m = m_BKsR.max(axis=2)
-    c = jnp.exp(m_BKsR - m[:, :, None])  # empty splits (m = -1e30, l = 0) weigh 0, or 1 when all are empty
-    return m, (l_BKsR * c).sum(axis=2), (acc_BKsRd * c[..., None]).sum(axis=2)
+def combine(m_BKsQ, l_BKsQ, acc_BKsQd):
+    """Merge the splits (axis 2) by log-sum-exp: (m, l, acc) over all keys, [B, K, Q] and [B, K, Q, d]."""
+    m = m_BKsQ.max(axis=2)
+    c = jnp.exp(m_BKsQ - m[:, :, None])  # empty splits (m = -1e30, l = 0) weigh 0, or 1 when all are empty
+    return m, (l_BKsQ * c).sum(axis=2), (acc_BKsQd * c[..., None]).sum(axis=2)
 
 
 def cache_attention(q_BKGTd, cache_k_BSKd, cache_v_BSKd, cache_len_B, ctx_BT, seg_BT, **blocks):

@@ -30,8 +30,9 @@ class Impl:
     remat: bool = False
 
 
-# What zaya.Model (zaya.load, decoding, benchmarks) runs unless told otherwise: MoE "auto" does routed work only (on
-# CPU, "sorted": 5-40x faster than ragged_dot's dense lowering there). Training keeps its config's impl (ragged).
+# What zaya.Model (zaya.load, decoding, benchmarks) runs unless told otherwise: MoE "auto" (on GPUs the Pallas
+# grouped matmul for decode / verify steps, which reads only the routed experts; on CPU ragged, see
+# moe_dispatch.auto_choice). Training keeps its config's impl (ragged).
 INFERENCE = Impl(moe="auto")
 
 def _layer(c: ZayaConfig, impl: Impl, layout: Layout, cache_len, h_BTD, prev_r, p, cache_l):
