@@ -61,7 +61,13 @@ def _save_params(path: str, params):
         *[(t, th.get_type_handler(t)) for t in (int, float, bytes, np.number, str)],
     )
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params)
-    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry))
+    # host arrays written by this process alone: in a multi-process job Orbax would otherwise wait at barriers
+    # for processes that are not saving (a model folder is written by process 0 after a gather)
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me} if jax.process_count() > 1
+                                            else None)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry,
+                                                         multiprocessing_options=mp), multiprocessing_options=mp)
     log = logging.getLogger("absl")
     log.addFilter(_no_ocdbt_merge_warning)  # orbax warns that there is nothing to merge when OCDBT is off
     try:

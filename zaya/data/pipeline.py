@@ -2,8 +2,9 @@
 
 Batches are ``{'tokens': int32 [b, S], 'doc_ids': int32 [b, S], 'loss_mask': float32 [b, S]}`` (see
 :mod:`zaya.data.packing` for the meaning of ``doc_ids`` and ``loss_mask``), where ``b = batch_size //
-shard_count`` is this process's part of the global batch. At every step the shards' batches are disjoint rows and
-together form one global batch of ``batch_size`` rows.
+shard_count`` is this process's part of the global batch: shard i holds rows [i * b, (i + 1) * b) of every global
+batch of ``batch_size`` rows, the block its devices hold in the global array (``zaya.train.step.batch_shard`` derives
+(i, shard_count) from the mesh; processes whose devices hold the same rows load the same shard).
 
 Determinism: the corpus and its train/val split do not depend on the seed (the split hashes each document, see
 :func:`zaya.data.sources.heldout`); the seed picks the document order for packing and the row order of each epoch.
@@ -163,7 +164,7 @@ class DataIterator(grain.DatasetIterator):
         fp = state.pop("fingerprint", self.fingerprint)
         if fp != self.fingerprint:
             raise DataError(f"data iterator state is from a different pipeline (fingerprint {fp}, this one "
-                            f"{self.fingerprint}): corpus, tokenizer, seed, seq_len, batch_size or process count "
+                            f"{self.fingerprint}): corpus, tokenizer, seed, seq_len, batch_size or data shard count "
                             "changed since it was saved")
         self._parent.set_state(state)
 
@@ -174,7 +175,7 @@ def make_train_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size:
     c = _cfg(data_cfg)
     i, n = _shard(shard_options)
     if batch_size % n:
-        raise DataError(f"batch_size={batch_size} (global) must be a multiple of the process count {n}")
+        raise DataError(f"batch_size={batch_size} (global) must be a multiple of the data shard count {n} (processes whose devices hold different batch rows)")
     docs = load_corpus(c, tokenizer, split)
     order = np.random.Generator(np.random.PCG64(_seed32(seed, 1))).permutation(len(docs))
     pk = packing.plan(docs, seq_len, order, max_open=int(c["packing_bins"]))
@@ -188,8 +189,11 @@ def make_train_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size:
             raise DataError(f"{len(rows)} packed rows x {epochs} epoch(s) cannot fill one batch of {batch_size}; "
                             "lower batch_size or seq_len, or raise num_epochs")
         ds = ds[:usable]
-    ds = ds[i::n].batch(batch_size // n, drop_remainder=True)
-    fp = f"{docs.fingerprint()}-{pk.fingerprint()}-{seed}-{batch_size}-{i}of{n}-{epochs}"
+    # global batch g = blocks g*n .. g*n + n-1 of batch_size // n rows; shard i takes block i of each
+    ds = ds.batch(batch_size // n, drop_remainder=True)[i::n]
+    # no shard index: the iterator state (batches consumed) is the same on every shard, so the one copy a
+    # multi-process checkpoint keeps (process 0's) restores every process
+    fp = f"{docs.fingerprint()}-{pk.fingerprint()}-{seed}-{batch_size}-{n}shards-{epochs}"
     return ds, fp
 
 
@@ -197,8 +201,8 @@ def make_train_iter(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size: in
                     split: str = "train", *, shard_options=None) -> DataIterator:
     """An endless (``num_epochs=None``) or finite iterator of this process's batches of the ``split`` documents.
 
-    ``batch_size`` is the global batch; each of the ``shard_count`` processes gets ``batch_size // shard_count``
-    rows. ``shard_options``: a ``grain.sharding.ShardOptions(shard_index, shard_count)``; default
+    ``batch_size`` is the global batch; shard i of ``shard_count`` gets its contiguous block of
+    ``batch_size // shard_count`` rows of each global batch. ``shard_options``: a ``grain.sharding.ShardOptions(shard_index, shard_count)``; default
     ``ShardByJaxProcess()`` (``jax.process_index()`` of ``jax.process_count()``).
     """
     c = _cfg(data_cfg)
@@ -218,7 +222,7 @@ def make_eval_batches(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size: 
     c = _cfg(data_cfg)
     i, n = _shard(shard_options)
     if batch_size % n:
-        raise DataError(f"batch_size={batch_size} (global) must be a multiple of the process count {n}")
+        raise DataError(f"batch_size={batch_size} (global) must be a multiple of the data shard count {n} (processes whose devices hold different batch rows)")
     docs = load_corpus(c, tokenizer, split)
     rows = packing.PackedRows(docs, packing.plan(docs, seq_len, max_open=int(c["packing_bins"])), tokenizer.pad_id)
     num_batches = -(-len(rows) // batch_size)
@@ -226,7 +230,7 @@ def make_eval_batches(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size: 
         num_batches = min(num_batches, int(max_batches))
     out = []
     for b in range(num_batches):
-        idx = range(b * batch_size + i, (b + 1) * batch_size, n)
+        idx = range(b * batch_size + i * (batch_size // n), b * batch_size + (i + 1) * (batch_size // n))
         items = [rows[r] if r < len(rows) else rows.empty_row() for r in idx]
         out.append({k: np.stack([it[k] for it in items]) for k in ("tokens", "doc_ids", "loss_mask")})
     return out

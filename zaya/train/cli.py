@@ -20,6 +20,9 @@ def startup_errors() -> tuple:
     return ConfigError, DataError, TokenizerError, CheckpointMismatchError, CheckpointError, FileNotFoundError
 
 
+HEARTBEAT_ENV, HEARTBEAT_S = "ZAYA_HEARTBEAT_TIMEOUT_S", 30
+
+
 def maybe_init_distributed():
     """Multi-host runs: one process per host (or GPU) under SLURM / Open MPI / Kubernetes, or with
     ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` set. Single-process runs skip it."""
@@ -30,11 +33,14 @@ def maybe_init_distributed():
     if not (slurm or ompi or explicit or os.environ.get("ZAYA_DISTRIBUTED") == "1"):
         return
     import jax
+    # a dead peer (kill -9, node lost) is detected by missed heartbeats; the survivors then exit with an error
+    # naming it instead of waiting in a collective (jax's default: 100 s)
+    kw = dict(initialization_timeout=900, heartbeat_timeout_seconds=int(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_S)))
     if explicit:
         jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
-                                   int(os.environ["JAX_PROCESS_ID"]), initialization_timeout=900)
+                                   int(os.environ["JAX_PROCESS_ID"]), **kw)
     else:
-        jax.distributed.initialize(initialization_timeout=900)
+        jax.distributed.initialize(**kw)
 
 
 def main(args, rest) -> dict:

@@ -28,15 +28,16 @@ EVAL_SEED = 1234
 # --------------------------------------------------------------------------------------------------------------
 # In-training evaluation.
 
-def eval_batches(cfg, tok) -> list[dict]:
-    """Held-out batches for the run's data config (empty list when the split is empty or eval is off)."""
+def eval_batches(cfg, tok, shard_options=None) -> list[dict]:
+    """Held-out batches for the run's data config (empty list when the split is empty or eval is off); with
+    ``shard_options`` (the run's ``batch_shard``) this process's rows of each."""
     if cfg.eval.num_batches <= 0:
         return []
     from zaya.data import pipeline
     from zaya.data.sources import EmptyCorpusError
     try:
         return pipeline.make_eval_batches(cfg.data, tok, cfg.seq_len, cfg.eval.batch_size,
-                                          max_batches=cfg.eval.num_batches)
+                                          max_batches=cfg.eval.num_batches, shard_options=shard_options)
     except EmptyCorpusError:
         return []
 

@@ -34,7 +34,7 @@ from zaya.train import configs, evaluate, logs, plots
 from zaya.train import state as st
 from zaya.train.checkpoint import Checkpoints, check_meta, make_meta
 from zaya.train.optim import make_optimizer
-from zaya.train.step import batch_axes, jit_options, make_train_step, put_batch
+from zaya.train.step import batch_axes, batch_shard, jit_options, make_train_step, put_batch
 
 log = logging.getLogger("zaya.train")
 
@@ -107,15 +107,18 @@ class Run:
         self.model_cfg = configs.model_from(cfg)
         self.opts = configs.tidar_options(cfg)
         self.tok = check_inputs(cfg, self.model_cfg)
-        from zaya.data import pipeline
-        self.train_iter = pipeline.make_train_iter(cfg.data, self.tok, cfg.seq_len, cfg.batch_size, cfg.seed)
         self.mesh = make_mesh(cfg)
         self.rules = tuple(tuple(r) for r in cfg.sharding_rules) or None
+        self.dp = batch_axes(self.mesh, self.rules, cfg.batch_size)
+        import grain
+        from zaya.data import pipeline
+        self.shard = grain.sharding.ShardOptions(*batch_shard(self.mesh, self.dp))  # this process's batch rows
+        self.train_iter = pipeline.make_train_iter(cfg.data, self.tok, cfg.seq_len, cfg.batch_size, cfg.seed,
+                                                   shard_options=self.shard)
         abstract = jax.tree.map(lambda s: np.zeros((), np.float32), param_shapes(self.model_cfg),
                                 is_leaf=lambda x: isinstance(x, tuple))
         self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.num_steps, abstract)
         self.state_sh = st.state_shardings(self.model_cfg, self.optimizer, self.mesh, self.rules)
-        self.dp = batch_axes(self.mesh, self.rules, cfg.batch_size)
         self.impl = Impl(attention=cfg.impl.attention, moe=cfg.impl.moe, remat=bool(cfg.impl.remat))
         self.loss_fn = loss_fn
         self.step_fn = make_train_step(self.model_cfg, self.opts, self.optimizer, self.schedule, cfg.grad_accum,
@@ -174,7 +177,7 @@ def train(cfg, workdir: str, loss_fn=None, after_step: Callable[[int, Run], None
             logs.truncate_jsonl(p, start)
     jl = logs.JsonlWriter(paths["metrics"]) if lead else None
     tb = logs.TensorBoard(os.path.join(run.workdir, "tb"), start) if lead and cfg.log.tensorboard else None
-    eval_batches = evaluate.eval_batches(cfg, run.tok)
+    eval_batches = evaluate.eval_batches(cfg, run.tok, run.shard)
     eval_fn = evaluate.make_eval_fn(run.model_cfg, run.opts, run.impl, run.loss_fn, bool(cfg.impl.fast_compile))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=cfg.num_steps, initial=start, desc=f"train {os.path.basename(run.workdir)}", unit="step",

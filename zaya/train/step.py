@@ -20,8 +20,12 @@ the batch); the optimizer update runs on the sharded state (``state_sh``).
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -141,9 +145,38 @@ def make_train_step(model_cfg: ZayaConfig, opts, optimizer: optax.GradientTransf
     return jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, NamedSharding(mesh, P())), **kw)
 
 
+def batch_shard(mesh, dp) -> tuple[int, int]:
+    """(shard_index, shard_count): the block of batch rows this process's devices hold when rows are split over the
+    mesh axes ``dp`` (``batch_axes``): shard i of n holds rows [i * B/n, (i + 1) * B/n) of every global batch.
+
+    Processes whose devices hold the same rows (e.g. they differ only along ``expert`` or ``tensor``) get the same
+    shard and must load the same rows. (0, 1) without a mesh or batch axes: every process holds the whole batch.
+    A process whose devices hold rows that are not one contiguous block raises ConfigError (no loader can feed it).
+    """
+    if mesh is None or dp is None:
+        return 0, 1
+    axes = (dp,) if isinstance(dp, str) else tuple(dp)
+    total = math.prod(mesh.shape[a] for a in axes)
+    me, held = jax.process_index(), set()
+    for idx in np.ndindex(mesh.devices.shape):
+        if mesh.devices[idx].process_index == me:
+            coord = dict(zip(mesh.axis_names, idx))
+            held.add(functools.reduce(lambda acc, a: acc * mesh.shape[a] + coord[a], axes, 0))
+    lo, k = min(held), len(held)
+    if sorted(held) != list(range(lo, lo + k)) or lo % k or total % k:
+        from zaya.config import ConfigError
+        raise ConfigError(f"process {me} holds batch shards {sorted(held)} of {total} (mesh axes {axes}): not one "
+                          "aligned contiguous block, so it cannot load its rows as one slice; order the mesh "
+                          "devices by process (zaya.sharding.make_mesh over jax.devices() does) or change the mesh")
+    return lo // k, total // k
+
+
 def put_batch(batch: dict, mesh, dp) -> dict:
-    """Host batch -> global device arrays split by rows over ``dp`` (each process passes its local rows)."""
+    """Host batch -> global device arrays split by rows over ``dp``: each process passes the rows of its
+    ``batch_shard`` (its devices' block); processes holding the same block pass the same rows."""
     if mesh is None:
         return jax.tree.map(jnp.asarray, batch)
     sh = NamedSharding(mesh, P(dp))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, x), batch)
+    n = batch_shard(mesh, dp)[1]
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, x, (x.shape[0] * n, *x.shape[1:])),
+                        batch)
