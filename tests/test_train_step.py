@@ -97,3 +97,38 @@ def _state_abstract():
     params = init(CFG.replace(dtype="float32"), jax.random.key(0, impl="rbg"))
     tx, _ = optim.make_optimizer(O, 10, params)
     return st.create(params, tx, 0)
+
+
+class _FakeMesh:
+    """What batch_shard reads of a mesh: axis names, sizes, and devices that know their process."""
+
+    def __init__(self, sizes: dict, procs):
+        from types import SimpleNamespace
+        self.axis_names, self.shape = tuple(sizes), dict(sizes)
+        self.devices = np.array([SimpleNamespace(process_index=p) for p in procs], dtype=object).reshape(
+            tuple(sizes.values()))
+
+
+@pytest.mark.parametrize("sizes,procs,dp,want", [
+    # 4 single-device processes, data=2 x expert=2: processes 0, 1 hold rows block 0, processes 2, 3 block 1
+    (dict(data=2, expert=2), [0, 1, 2, 3], "data", [(0, 2), (0, 2), (1, 2), (1, 2)]),
+    # 2 processes x 2 devices, data=4: each holds two adjacent data shards, i.e. half the batch
+    (dict(data=4), [0, 0, 1, 1], "data", [(0, 2), (1, 2)]),
+    # batch over (data, fsdp): 4 processes, one shard each, row-major over the listed axes
+    (dict(data=2, fsdp=2), [0, 1, 2, 3], ("data", "fsdp"), [(0, 4), (1, 4), (2, 4), (3, 4)]),
+    # no batch axes: every process holds every row
+    (dict(tensor=2), [0, 1], None, [(0, 1), (0, 1)])])
+def test_batch_shard(monkeypatch, sizes, procs, dp, want):
+    from zaya.train.step import batch_shard
+    mesh = _FakeMesh(sizes, procs)
+    for me in sorted(set(procs)):
+        monkeypatch.setattr(jax, "process_index", lambda me=me: me)
+        assert batch_shard(mesh, dp) == want[me]
+
+
+def test_batch_shard_refuses_scattered_rows(monkeypatch):
+    from zaya.config import ConfigError
+    from zaya.train.step import batch_shard
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(ConfigError, match=r"process 0 holds batch shards \[0, 2\] of 4"):
+        batch_shard(_FakeMesh(dict(data=4), [0, 1, 0, 1]), "data")
