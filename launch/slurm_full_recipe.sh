@@ -25,6 +25,7 @@ case "$PHASE" in
   *) echo "PHASE must be tidar_convert, context_extend or diffusion_sft" >&2; exit 2 ;;
 esac
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-# one process per GPU: zaya.train.cli calls jax.distributed.initialize() (SLURM auto-detection)
+# one process per GPU: zaya.train.distributed joins the job from SLURM's variables (for one process per node use
+# --ntasks-per-node=1: it then owns all 8 GPUs). Add --dry-run to print devices -> mesh coordinates -> rows first.
 srun --kill-on-bad-exit=1 python -m zaya.cli train --config "experiments/$PHASE.py:full" \
     --workdir "$RUNS/${PHASE}_full" --config.init_from="$INIT" "$@"

@@ -29,14 +29,27 @@ def env_for(process_id: int, num_processes: int, devices: int, port: int | None)
     return env
 
 
-def start(args: list[str], num_processes: int, devices: int, logdir: str) -> list[subprocess.Popen]:
-    """Start ``python -m zaya.cli *args`` as ``num_processes`` processes (no coordinator when 1); logs in logdir."""
+def slurm_env(process_id: int, num_processes: int, tasks_per_node: int, gpus_per_node: int, port: int) -> dict:
+    """What SLURM sets for one task of a one-node job step (node 127.0.0.1); jax finds the coordinator from it."""
+    return dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS=str(num_processes),
+                SLURM_PROCID=str(process_id), SLURM_LOCALID=str(process_id % tasks_per_node),
+                SLURM_NTASKS_PER_NODE=str(tasks_per_node), SLURM_GPUS_ON_NODE=str(gpus_per_node),
+                SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_PORT=str(port))
+
+
+def start(args: list[str], num_processes: int, devices: int, logdir: str,
+          slurm: bool = False) -> list[subprocess.Popen]:
+    """Start ``python -m zaya.cli *args`` as ``num_processes`` processes (no coordinator when 1); logs in logdir.
+    ``slurm``: the processes find each other from simulated SLURM variables instead of JAX_COORDINATOR_ADDRESS."""
     port = free_port() if num_processes > 1 else None
     procs = []
     for i in range(num_processes):
         log = open(os.path.join(logdir, f"process{i}.log"), "w")
+        env = env_for(i, num_processes, devices, None if slurm else port)
+        if slurm:
+            env.update(slurm_env(i, num_processes, num_processes, num_processes, port))
         procs.append(subprocess.Popen([sys.executable, "-m", "zaya.cli", *args], cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, env=env_for(i, num_processes, devices, port)))
+                                      stderr=subprocess.STDOUT, env=env))
         procs[-1].log_path = log.name
     return procs
 
@@ -58,8 +71,10 @@ def logs(procs) -> str:
     return "\n".join(f"--- {p.log_path}\n{open(p.log_path).read()[-3000:]}" for p in procs)
 
 
-def run(args: list[str], num_processes: int, devices: int, logdir: str, timeout: float = 300) -> None:
-    """Run to completion; AssertionError with every process's log tail unless all exit 0."""
-    procs = start(args, num_processes, devices, logdir)
+def run(args: list[str], num_processes: int, devices: int, logdir: str, timeout: float = 300,
+        slurm: bool = False) -> list[str]:
+    """Run to completion; AssertionError with every process's log tail unless all exit 0. Returns the logs."""
+    procs = start(args, num_processes, devices, logdir, slurm)
     codes = wait(procs, timeout)
     assert codes == [0] * num_processes, f"exit codes {codes}\n{logs(procs)}"
+    return [open(p.log_path).read() for p in procs]

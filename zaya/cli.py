@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from an ml-collections config (AR pretraining or TiDAR conversion)")
     t.add_argument("--config", required=True, help="experiments/X.py[:variant]")
     t.add_argument("--workdir", required=True)
+    t.add_argument("--dry-run", action="store_true",
+                   help="print each process's devices, mesh coordinates and batch rows, then exit (launch check)")
     t.set_defaults(fn=None)
 
     d = sub.add_parser("demo", help="pretrain a tiny MoE, convert it with TiDAR, evaluate, decode (CPU, minutes)")

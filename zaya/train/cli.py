@@ -1,8 +1,9 @@
-"""``zaya train --config experiments/X.py:variant --workdir DIR [--config.a.b=value ...]``.
+"""``zaya train --config experiments/X.py:variant --workdir DIR [--dry-run] [--config.a.b=value ...]``.
 
 Loads the config file, applies the overrides (``ml_collections.config_flags``: typed, locked, a typo fails with the
 closest field names), validates it and runs ``zaya.train.loop.train``. Running it again on the same workdir resumes
-from the latest checkpoint.
+from the latest checkpoint. ``--dry-run`` joins the (multi-process) job, builds the mesh and prints each process's
+devices, their mesh coordinates and the batch rows it loads (``zaya.train.distributed.describe``), then exits.
 Start-up errors (config, tokenizer/vocab, data, checkpoint mismatch) print one clear line and exit with status 2.
 """
 from __future__ import annotations
@@ -20,36 +21,30 @@ def startup_errors() -> tuple:
     return ConfigError, DataError, TokenizerError, CheckpointMismatchError, CheckpointError, FileNotFoundError
 
 
-HEARTBEAT_ENV, HEARTBEAT_S = "ZAYA_HEARTBEAT_TIMEOUT_S", 30
-
-
-def maybe_init_distributed():
-    """Multi-host runs: one process per host (or GPU) under SLURM / Open MPI / Kubernetes, or with
-    ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` set. Single-process runs skip it."""
-    import os
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    ompi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-    if not (slurm or ompi or explicit or os.environ.get("ZAYA_DISTRIBUTED") == "1"):
-        return
-    import jax
-    # a dead peer (kill -9, node lost) is detected by missed heartbeats; the survivors then exit with an error
-    # naming it instead of waiting in a collective (jax's default: 100 s)
-    kw = dict(initialization_timeout=900, heartbeat_timeout_seconds=int(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_S)))
-    if explicit:
-        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
-                                   int(os.environ["JAX_PROCESS_ID"]), **kw)
-    else:
-        jax.distributed.initialize(**kw)
+def dry_run(cfg) -> dict:
+    """Print where this process's devices sit in the run's mesh and which batch rows it loads; train nothing."""
+    from zaya.train import configs
+    from zaya.train.distributed import describe
+    from zaya.train.loop import make_mesh
+    from zaya.train.step import batch_axes
+    configs.validate(cfg)
+    mesh = make_mesh(cfg)
+    rules = tuple(tuple(r) for r in cfg.sharding_rules) or None
+    dp = batch_axes(mesh, rules, cfg.batch_size)
+    print(describe(mesh, dp, cfg.batch_size), flush=True)
+    return {"mesh": dict(mesh.shape), "batch_axes": dp}
 
 
 def main(args, rest) -> dict:
     from zaya.train import configs
     from zaya.train.loop import train
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    maybe_init_distributed()
+    from zaya.train.distributed import maybe_initialize
+    maybe_initialize()
     try:
         cfg = configs.load(args.config, argv=list(rest))
+        if getattr(args, "dry_run", False):
+            return dry_run(cfg)
         summary = train(cfg, args.workdir)
     except startup_errors() as e:
         print(f"zaya train: {type(e).__name__}: {e}", file=sys.stderr)
