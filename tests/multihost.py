@@ -21,7 +21,7 @@ def env_for(process_id: int, num_processes: int, devices: int, port: int | None)
     """The environment of one process: its device count (replacing the test run's), and the coordinator."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
     isa = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_cpu_max_isa")]
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT,  # this checkout's zaya
                XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *isa]))
     if port is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
@@ -37,10 +37,11 @@ def slurm_env(process_id: int, num_processes: int, tasks_per_node: int, gpus_per
                 SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_PORT=str(port))
 
 
-def start(args: list[str], num_processes: int, devices: int, logdir: str,
-          slurm: bool = False) -> list[subprocess.Popen]:
-    """Start ``python -m zaya.cli *args`` as ``num_processes`` processes (no coordinator when 1); logs in logdir.
-    ``slurm``: the processes find each other from simulated SLURM variables instead of JAX_COORDINATOR_ADDRESS."""
+def start(args: list[str], num_processes: int, devices: int, logdir: str, slurm: bool = False,
+          heartbeat_s: int | None = None) -> list[subprocess.Popen]:
+    """Start ``python -m zaya.cli *args`` (or ``python script.py *args``) as ``num_processes`` processes (no coordinator when 1); logs in logdir.
+    ``slurm``: the processes find each other from simulated SLURM variables instead of JAX_COORDINATOR_ADDRESS;
+    ``heartbeat_s``: how soon a dead peer is noticed (``ZAYA_HEARTBEAT_TIMEOUT_S``)."""
     port = free_port() if num_processes > 1 else None
     procs = []
     for i in range(num_processes):
@@ -48,7 +49,10 @@ def start(args: list[str], num_processes: int, devices: int, logdir: str,
         env = env_for(i, num_processes, devices, None if slurm else port)
         if slurm:
             env.update(slurm_env(i, num_processes, num_processes, num_processes, port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "zaya.cli", *args], cwd=ROOT, stdout=log,
+        if heartbeat_s:
+            env["ZAYA_HEARTBEAT_TIMEOUT_S"] = str(heartbeat_s)
+        cmd = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "zaya.cli", *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log,
                                       stderr=subprocess.STDOUT, env=env))
         procs[-1].log_path = log.name
     return procs

@@ -1,6 +1,7 @@
 """Multi-process training (``jax.distributed`` on 127.0.0.1, simulated CPU devices): the per-step losses of 2
 processes x 2 devices equal 1 process x 4 devices on the same mesh shape; every process loads exactly the rows its
 devices hold (``batch_shard``)."""
+import json
 import os
 import signal
 import time
@@ -43,15 +44,15 @@ def test_two_processes_equal_one(tmp_path, mesh):
     # the model folder process 0 wrote after gathering the sharded params equals the single-process one
     import zaya
     p1, p2 = (zaya.load(str(tmp_path / f"p{n}" / "model")).params for n in (1, 2))
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):  # 3 Adam steps apart from reduction order
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
 
 
 def test_dead_peer_stops_the_job_and_a_rerun_resumes(tmp_path):
     """kill -9 of process 1 mid-run: process 0 exits with an error within 60 s (no hang in a collective); the same
     command again resumes both processes from the last complete checkpoint, and the losses equal an
     uninterrupted single-process run."""
-    steps, mesh = 8, _mesh_args(dict(data=2, expert=2))
+    steps, mesh = 6, _mesh_args(dict(data=2, expert=2))
     args = lambda wd: ["train", "--config", EXP, "--workdir", str(wd), *TINY, f"--config.num_steps={steps}",
                        "--config.checkpoint.every_steps=2", "--config.export_model=false", *mesh]
     ref = tmp_path / "ref"
@@ -59,7 +60,7 @@ def test_dead_peer_stops_the_job_and_a_rerun_resumes(tmp_path):
     multihost.run(args(ref), num_processes=1, devices=4, logdir=str(ref))
     wd = tmp_path / "job"
     wd.mkdir()
-    procs = multihost.start(args(wd), num_processes=2, devices=2, logdir=str(wd))
+    procs = multihost.start(args(wd), num_processes=2, devices=2, logdir=str(wd), heartbeat_s=10)
     metrics = wd / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and len(read_jsonl(str(metrics))) >= 3):  # past the first checkpoint (step 2)
@@ -76,3 +77,17 @@ def test_dead_peer_stops_the_job_and_a_rerun_resumes(tmp_path):
     got, want = read_jsonl(str(metrics)), read_jsonl(str(ref / "metrics.jsonl"))
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-5, atol=1e-6)
+
+
+def test_generate_on_two_processes_equals_one(tmp_path):
+    """zaya.generate on a data=2 x tensor=2 mesh spread over 2 processes gives the tokens of the same mesh in one
+    process, which equal one device without a mesh (AR in the host loop, single_forward in the device loop)."""
+    script = os.path.join(multihost.ROOT, "tests", "multihost_generate.py")
+    out = {}
+    for n in (1, 2):
+        multihost.run([script, str(tmp_path / f"p{n}.json")], num_processes=n, devices=4 // n, logdir=str(tmp_path),
+                      timeout=300)
+        out[n] = json.loads((tmp_path / f"p{n}.json").read_text())
+    single = out[1].pop("single_device")
+    assert out[2] == out[1] == single
+    assert all(len(r) == 8 for rows in single.values() for r in rows)

@@ -204,4 +204,24 @@ def cache_shardings(mesh: Mesh, cache: Cache, rules: Rules | None = None) -> Cac
 
 def shard_cache(cache: Cache, mesh: Mesh, rules: Rules | None = None) -> Cache:
     """Place a decode cache on ``mesh`` (``cache_shardings``)."""
-    return jax.device_put(cache, cache_shardings(mesh, cache, rules))
+    return jax.tree.map(put_global, cache, cache_shardings(mesh, cache, rules))
+
+
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+    """Place a host value (the same on every process) with ``sharding``, also when the mesh spans processes: each
+    process fills only its own devices' shards (``jax.device_put`` cannot place a local array on another host)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(tree):
+    """numpy copies of a pytree of arrays; arrays spread over processes are gathered first (every process must call
+    this for them, as for any collective)."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(get, tree)

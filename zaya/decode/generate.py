@@ -22,6 +22,7 @@ from zaya.decode.samplers import Sampler
 from zaya.decode.state import State, prefill
 from zaya.model.cache import init_cache
 from zaya.progress import tqdm
+from zaya.sharding import to_host
 
 
 @dataclasses.dataclass
@@ -178,26 +179,26 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
     bar = tqdm(total=B * max_new_tokens, desc=f"generate[{sampler}]", unit="tok", disable=not progress)
     if loop == "device":
         state, bufs, steps = step_c(params, state)
-        steps = int(steps)  # waits for the whole loop
+        steps = int(to_host(steps))  # waits for the whole loop
         t2 = time.perf_counter()
-        bufs = jax.device_get(bufs)
+        bufs = to_host(bufs)
         infos = [jax.tree.map(lambda b: b[i], bufs) for i in range(steps)]
-        bar.update(int(np.asarray(state.n).sum()))
+        bar.update(int(to_host(state.n).sum()))
     else:
         done_tokens = 0
         while True:
             state, info = step_c(params, state)
-            infos.append(info)
-            n_B, done_B = jax.device_get((state.n, state.done))  # one host sync per step; rows finish independently
+            infos.append(to_host(info))
+            n_B, done_B = to_host((state.n, state.done))  # one host sync per step; rows finish independently
             bar.update(int(n_B.sum()) - done_tokens)
             done_tokens = int(n_B.sum())
             if done_B.all():
                 break
         t2 = time.perf_counter()
     bar.close()
-    out, n = np.asarray(state.out), np.asarray(state.n)
+    out, n, forwards, row_forwards = to_host((state.out, state.n, state.forwards, state.row_forwards))
     tokens = [out[b, : n[b]].tolist() for b in range(B)]
-    forwards, row_forwards = int(state.forwards), int(np.asarray(state.row_forwards).sum())
+    forwards, row_forwards = int(forwards), int(row_forwards.sum())
     first = int(np.minimum(n, 1).sum())  # one token per row comes from the prefill's logits, for every sampler
     stats = {"sampler": sampler, "forwards": forwards, "steps": len(infos), "tokens": int(n.sum()),
              "seconds": t2 - t1, "prefill_seconds": prefill_s, "tokens_per_s": float(n.sum()) / max(t2 - t1, 1e-9),
@@ -211,7 +212,7 @@ def generate(model, prompt_ids, sampler: str = "ar", max_new_tokens: int = 64, t
         stats.update(smp.summarize(infos, o))
     steps = None
     if trace:
-        steps = [{k: np.asarray(v).tolist() for k, v in info.items()} for info in infos]
+        steps = [{k: v.tolist() for k, v in to_host(info).items()} for info in infos]
     return Result(tokens, stats, steps)
 
 
@@ -220,6 +221,6 @@ def _on_mesh(model, args):
     from zaya import sharding
     params, prompt_BT, length_B, cache, key = args
     mesh, rules, B = model.mesh, model.rules, prompt_BT.shape[0]
-    rows = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, rules, B, x.ndim))
+    rows = lambda x: sharding.put_global(x, sharding.batch_sharding(mesh, rules, B, x.ndim))
     return (params, rows(prompt_BT), rows(length_B), sharding.shard_cache(cache, mesh, rules),
-            jax.device_put(key, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+            sharding.put_global(key, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
