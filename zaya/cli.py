@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(g)
     g.set_defaults(fn=_generate)
 
-    b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers, attention, moe, system")
-    b.add_argument("what", choices=["forward", "decode", "convert", "samplers", "attention", "moe", "system", "all"])
+    b = sub.add_parser("bench", help="benchmarks: forward, decode, convert, samplers, attention, moe, system, memory")
+    b.add_argument("what", choices=["forward", "decode", "convert", "samplers", "attention", "moe", "system", "memory",
+                                    "all"])
     b.add_argument("--preset", action="append", default=None, help="model presets (default: tiny and small-100m)")
     b.add_argument("--out", default=None, help="write the table (Markdown) and figures here")
     b.add_argument("--size-gb", type=float, default=1.0, help="convert: synthetic checkpoint size")
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samplers: decode loop of every sampler, AR included (zaya.generate's loop)")
     b.add_argument("--vs-transformers", action="store_true",
                    help="forward/decode: against transformers' PyTorch ZAYA on the same random checkpoint (CPU, fp32)")
+    b.add_argument("--config", default=None, help="memory: experiments/X.py:variant (with --config.k=v overrides)")
+    b.add_argument("--mesh", default=None, help="memory: mesh sizes, e.g. fsdp=8 or data=2,fsdp=4,expert=8")
     b.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                    help="do not use jax's persistent compilation cache ($ZAYA_BENCH_CACHE, default /tmp/zaya_bench_xla_cache)")
     b.set_defaults(fn=_bench)
@@ -96,6 +99,9 @@ def run(argv=None):
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "train":
         return _train(args, rest)
+    if args.cmd == "bench" and args.what == "memory":  # config overrides (--config.k=v) follow the flags
+        from zaya.bench.memory import main as memory
+        return memory(args, rest, argv)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.fn(args)

@@ -8,7 +8,9 @@
   moe       the expert-matmul implementations at ZAYA1-8B geometry (zaya.bench.moe)
   system    AR steps at long context and block samplers end to end at a controlled (synthetic) acceptance, in the
             device loop, beside the roofline (zaya.bench.system; ZAYA1-8B geometry on an accelerator)
-  all       everything above, then the roofline model's predicted-vs-measured table (zaya.bench.roofline)
+  memory    per-device bytes of a run's train step from the compiled program, no allocation (zaya.bench.memory;
+            ``zaya bench memory --config FILE:variant --mesh fsdp=8``)
+  all       everything above but memory, then the roofline model's predicted-vs-measured table (zaya.bench.roofline)
 
 ``--preset`` (repeatable) picks the random-weight presets (default tiny and small-100m; samplers: tiny). For
 ``samplers`` a ``--preset`` value that is a folder, ``--model PATH`` (when the parser has it) or $ZAYA_BENCH_MODEL
