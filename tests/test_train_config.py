@@ -97,6 +97,7 @@ def test_full_variants_build_valid_configs(name):
     assert np.prod(list(sizes.values())) == 512
     assert c.batch_size % (sizes["data"] * sizes["fsdp"] * c.grad_accum) == 0
     assert c.batch_size * c.seq_len == recipe.FULL_TOKENS_PER_STEP
+    assert c.tidar.ce_chunk == 4096 and c.impl.remat  # the memory settings the recorded figures assume
     tokens = c.num_steps * c.batch_size * c.seq_len
     if name == "tidar_convert":
         assert c.seq_len == 32768 and c.tidar.block_size == 16 and c.tidar.mode == "tidar"

@@ -81,6 +81,40 @@ def test_sharded_step_matches_single_device(reference):
     _close(out.params, ref.params, rtol=1e-4, atol=2e-5)
 
 
+def _collectives(jaxpr, out, depth=0):
+    """(primitive name, operand shape, nesting depth) of every all_gather / reduce_scatter in a jaxpr."""
+    for e in jaxpr.eqns:
+        if e.primitive.name in ("all_gather", "reduce_scatter"):
+            out.append((e.primitive.name, tuple(e.invars[0].aval.shape), depth))
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else [v]):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _collectives(sub, out, depth + (e.primitive.name == "scan"))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fsdp_gathers_one_layer_at_a_time(reference, dtype):
+    """ZeRO-3: weights sharded over fsdp are all-gathered inside the layer scan (one layer's weights at a time, never
+    the stacked [L, ...] tree) and their grads leave through reduce-scatter (in fp32 whatever the compute dtype)."""
+    from zaya import sharding
+    need_devices(4)
+    s0, tx, sched, batch, _, _ = reference
+    mesh = sharding.make_mesh(fsdp=4, devices=jax.devices()[:4])
+    sh = st.state_shardings(CFG, tx, mesh)
+    cfg = CFG.replace(dtype=dtype)
+    step = make_train_step(cfg, OPTS, tx, sched, mesh=mesh, state_sh=sh, batch_size=4, donate=False)
+    state = st.with_shardings(jax.eval_shape(lambda: s0), sh)
+    found = _collectives(jax.make_jaxpr(step)(state, jax.tree.map(jnp.asarray, batch)).jaxpr, [])
+    L = CFG.num_layers
+    stacked = {tuple(x.shape) for x in jax.tree.leaves(s0.params["layers"])}
+    gathers = [f for f in found if f[0] == "all_gather"]
+    assert any(depth >= 1 for _, _, depth in gathers), "no all_gather inside the layer scan"
+    assert not [f for f in gathers if f[1] in stacked or (f[1] and f[1][0] == L and f[2] == 0)], gathers
+    assert any(f[0] == "reduce_scatter" for f in found), "grads should leave through reduce-scatter"
+
+
 def test_bf16_compute_keeps_fp32_master_weights():
     """The step's output state stays fp32 with a bf16 model config (shapes/dtypes only: no compile)."""
     cfg = CFG.replace(dtype="bfloat16")

@@ -9,6 +9,7 @@ the accepted ones, so block samplers keep exactly the accepted tokens.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ class Impl:
     attention: str = "auto"  # zaya.model.attention.IMPLS; auto: the Pallas kernel for decode on GPU, else XLA
     moe: str = "ragged"  # zaya.model.moe.EXPERT_IMPLS; models for inference default to INFERENCE.moe ("auto")
     remat: bool = False
+    # ZeRO-3 (set by zaya.train.step under shard_map): one layer's params -> the full weights of that layer,
+    # called inside the layer scan so only one layer's gathered weights exist at a time (its VJP scatters grads)
+    gather_layer: Callable | None = None
 
 
 # What zaya.Model (zaya.load, decoding, benchmarks) runs unless told otherwise: MoE "auto" (on GPUs the Pallas
@@ -62,6 +66,8 @@ def hidden(params, c: ZayaConfig, tokens_BT, layout: Layout, cache: Cache | None
     def body(carry, xs):
         h, r = carry
         p, cache_l = xs
+        if impl.gather_layer is not None:
+            p = impl.gather_layer(p)
         h, r, states, stats = _layer(c, impl, layout, cache_len, h, r, p, cache_l)
         return (h, r), (states, stats)
     if impl.remat:

@@ -55,6 +55,9 @@ def full_base(seq_len: int, rope_theta: float = 1e6, max_pos: int = 32768):
     from zaya.sharding import DEFAULT_RULES
     c.sharding_rules = DEFAULT_RULES                 # batch over (data, fsdp), weights over fsdp, experts over expert
     c.impl.update(attention="chunked", moe="ragged", remat=True)
+    # logits and CE over 4096-token chunks: the [tokens, 262k] fp32 logits (and their grads) never exist at once
+    # (-95 GiB per device at 32k context, TiDAR, one row per device: experiments/results/multihost_cpu.md)
+    c.tidar.ce_chunk = 4096
     c.optim.update(lr=1e-4, warmup_steps=500, schedule="wsd", decay_fraction=0.1, decay_shape="sqrt",
                    min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0)
     c.data.update(source="jsonl:/data/midtrain/*.jsonl", val_fraction=0.001, num_threads=16, prefetch=64)

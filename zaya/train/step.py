@@ -20,6 +20,7 @@ the batch); the optimizer update runs on the sharded state (``state_sh``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -114,17 +115,34 @@ def make_train_step(model_cfg: ZayaConfig, opts, optimizer: optax.GradientTransf
     ``zaya.tidar.objective.loss_fn``."""
     if loss_fn is None:
         from zaya.tidar.objective import loss_fn
-    grad_fn = make_grad_fn(model_cfg, opts, impl, loss_fn, accum)
     dp = batch_axes(mesh, rules, batch_size) if batch_size else None
+    zero3 = None
     if dp is not None:
         names = {dp} if isinstance(dp, str) else set(dp)
+        zero3 = zero3_specs(state_sh.params, names) if state_sh is not None else None
+    if zero3 is not None:  # weights stay sharded inside the step: gathered per use, grads reduce-scattered
+        gather_layer = functools.partial(_gather_tree, specs=jax.tree.map(lambda sp: P(*sp[1:]), zero3["layers"],
+                                                                           is_leaf=lambda x: isinstance(x, P)))
+        impl = dataclasses.replace(impl, gather_layer=gather_layer)
+        base_loss = loss_fn
+
+        def loss_fn(params, *a, **k):  # the non-layer weights (embedding, norms) gathered once per microbatch
+            top = {k_: _gather_tree(v, zero3[k_]) for k_, v in params.items() if k_ != "layers"}
+            return base_loss({**top, "layers": params["layers"]}, *a, **k)
+    grad_fn = make_grad_fn(model_cfg, opts, impl, loss_fn, accum)
+    if dp is not None:
         local = grad_fn
 
         def per_shard(params, batch, rng):
             rng = jax.random.fold_in(rng, jax.lax.axis_index(dp))  # a different random draw per batch shard
             g, value, metrics = local(params, batch, rng)
-            return jax.lax.pmean((g, value, metrics), dp)
-        grad_fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(dp), P()), out_specs=P(),
+            value, metrics = jax.lax.pmean((value, metrics), dp)
+            if zero3 is None:
+                return jax.lax.pmean(g, dp), value, metrics
+            return jax.tree.map(lambda x, sp: _mean_sharded_grad(x, sp, names), g, zero3,
+                                is_leaf=lambda x: isinstance(x, P)), value, metrics
+        pspec = P() if zero3 is None else zero3
+        grad_fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(pspec, P(dp), P()), out_specs=(pspec, P(), P()),
                                 axis_names=names, check_vma=False)
 
     def step(state, batch):
@@ -143,6 +161,64 @@ def make_train_step(model_cfg: ZayaConfig, opts, optimizer: optax.GradientTransf
         return jax.jit(step, **kw)
     bsh = NamedSharding(mesh, P(dp))
     return jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, NamedSharding(mesh, P())), **kw)
+
+
+def zero3_specs(param_shardings, manual: set) -> dict | None:
+    """Per param, the part of its sharding over the shard_map's manual (batch) axes, e.g. P(None, 'fsdp') for a weight
+    sharded over fsdp at rest; None when no param is sharded over a manual axis (nothing to gather)."""
+    def manual_only(sh):
+        spec = []
+        for entry in sh.spec:
+            axes = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a in manual)
+            spec.append(axes[0] if len(axes) == 1 else (axes or None))
+        return P(*spec)
+    specs = jax.tree.map(manual_only, param_shardings)
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    if not any(e is not None for sp in leaves for e in sp):
+        return None
+    layer_specs = jax.tree.leaves(specs["layers"], is_leaf=lambda x: isinstance(x, P))
+    assert all(not len(sp) or sp[0] is None for sp in layer_specs), "the stacked layer axis is never sharded"
+    return specs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _all_gather(x, axes, dim: int):
+    """all_gather in the weight dtype; its VJP reduce-scatters the cotangent in fp32 (the sum of every shard's
+    gradient is exact to fp32, whatever the compute dtype; XLA:CPU also cannot promote a bf16 reduce-scatter)."""
+    return jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+
+
+def _all_gather_fwd(x, axes, dim):
+    return _all_gather(x, axes, dim), None
+
+
+def _all_gather_bwd(axes, dim, _, ct):  # ct has the weight dtype (that of the gathered array)
+    return (jax.lax.psum_scatter(ct.astype(jnp.float32), axes, scatter_dimension=dim, tiled=True).astype(ct.dtype),)
+
+
+_all_gather.defvjp(_all_gather_fwd, _all_gather_bwd)
+
+
+def _gather(x, spec):
+    """The full array from this device's shard: all_gather along every dim the spec shards over manual axes."""
+    for dim, axes in enumerate(spec):
+        if axes is not None:
+            x = _all_gather(x, axes, dim)
+    return x
+
+
+def _gather_tree(tree, specs):
+    return jax.tree.map(_gather, tree, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def _mean_sharded_grad(g, spec, manual: set):
+    """A grad that left the step through all_gather's VJP is already summed over the axes it is sharded on
+    (reduce-scatter): divide by their size and average over the remaining batch axes."""
+    scattered = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+    n = math.prod(jax.lax.axis_size(a) for a in scattered) if scattered else 1
+    rest = tuple(sorted(manual - scattered))
+    g = g / n
+    return jax.lax.pmean(g, rest) if rest else g
 
 
 def batch_shard(mesh, dp) -> tuple[int, int]:
