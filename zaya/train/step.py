@@ -14,9 +14,12 @@ MoE balancing: after the update, the router's balancing biases move towards equa
 (``balance_router_bias``, aux-loss-free, rate ``optim.router_balance_rate``) from the step's expert counts.
 
 Sharding: with a mesh whose batch axes (``data``, ``fsdp``) have size > 1 the grad computation runs under
-``jax.shard_map`` per batch shard (params gathered at entry, grads and metrics ``pmean``-ed), as
-``zaya.sharding`` does for inference (XLA's propagation would otherwise follow the fsdp weight sharding instead of
-the batch); the optimizer update runs on the sharded state (``state_sh``).
+``jax.shard_map`` per batch shard (XLA's propagation would otherwise follow the fsdp weight sharding instead of the
+batch). ZeRO-3 when weights are sharded over a batch axis (``fsdp``, the default rules): they enter as shards, each
+layer's weights are all-gathered inside the layer scan (``Impl.gather_layer``; with remat the backward gathers
+again), the embedding and norms once per microbatch, and grads leave through the gather's VJP, a reduce-scatter in
+fp32, so params, grads and optimizer state stay sharded (``zero3_specs``). Otherwise params enter replicated and
+grads are ``pmean``-ed. Metrics are ``pmean``-ed; the optimizer update runs on the sharded state (``state_sh``).
 """
 from __future__ import annotations
 
