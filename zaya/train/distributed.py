@@ -85,22 +85,17 @@ def describe(mesh, dp, batch_size: int) -> str:
     import jax
     import numpy as np
 
-    from zaya.train.step import batch_shard
+    from zaya.train.step import batch_block, batch_shard
     me = jax.process_index()
     lines = [f"process {me}/{jax.process_count()}: {len(jax.local_devices())} local devices, mesh "
              f"{dict(mesh.shape)}, batch axes {dp}"]
     axes = () if dp is None else ((dp,) if isinstance(dp, str) else tuple(dp))
-    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    rows = batch_size // int(np.prod([mesh.shape[a] for a in axes]))  # rows per batch block
     for idx in np.ndindex(mesh.devices.shape):
         d = mesh.devices[idx]
-        if d.process_index != me:
-            continue
-        coord = dict(zip(mesh.axis_names, idx))
-        s = 0
-        for a in axes:
-            s = s * mesh.shape[a] + coord[a]
-        rows = batch_size // shards
-        lines.append(f"  device {d.id} ({d.platform}) -> mesh {coord} -> rows [{s * rows}, {(s + 1) * rows})")
+        if d.process_index == me:
+            s, coord = batch_block(mesh, dp, idx), dict(zip(mesh.axis_names, idx))
+            lines.append(f"  device {d.id} ({d.platform}) -> mesh {coord} -> rows [{s * rows}, {(s + 1) * rows})")
     i, n = batch_shard(mesh, dp)
     lines.append(f"  loads rows [{i * batch_size // n}, {(i + 1) * batch_size // n}) of each global batch of "
                  f"{batch_size} (data shard {i} of {n})")

@@ -224,6 +224,14 @@ def _mean_sharded_grad(g, spec, manual: set):
     return jax.lax.pmean(g, rest) if rest else g
 
 
+def batch_block(mesh, dp, idx: tuple) -> int:
+    """Which block of batch rows the device at mesh index ``idx`` holds when rows are split over the axes ``dp``
+    (row-major over the listed axes, as ``PartitionSpec(dp)`` splits them); 0 without batch axes."""
+    axes = () if dp is None else ((dp,) if isinstance(dp, str) else tuple(dp))
+    coord = dict(zip(mesh.axis_names, idx))
+    return functools.reduce(lambda acc, a: acc * mesh.shape[a] + coord[a], axes, 0)
+
+
 def batch_shard(mesh, dp) -> tuple[int, int]:
     """(shard_index, shard_count): the block of batch rows this process's devices hold when rows are split over the
     mesh axes ``dp`` (``batch_axes``): shard i of n holds rows [i * B/n, (i + 1) * B/n) of every global batch.
@@ -236,11 +244,9 @@ def batch_shard(mesh, dp) -> tuple[int, int]:
         return 0, 1
     axes = (dp,) if isinstance(dp, str) else tuple(dp)
     total = math.prod(mesh.shape[a] for a in axes)
-    me, held = jax.process_index(), set()
-    for idx in np.ndindex(mesh.devices.shape):
-        if mesh.devices[idx].process_index == me:
-            coord = dict(zip(mesh.axis_names, idx))
-            held.add(functools.reduce(lambda acc, a: acc * mesh.shape[a] + coord[a], axes, 0))
+    me = jax.process_index()
+    held = {batch_block(mesh, dp, idx) for idx in np.ndindex(mesh.devices.shape)
+            if mesh.devices[idx].process_index == me}
     lo, k = min(held), len(held)
     if sorted(held) != list(range(lo, lo + k)) or lo % k or total % k:
         from zaya.config import ConfigError
