@@ -24,8 +24,8 @@ rows and the cache with ``batch_sharding`` / ``cache_shardings`` and lets XLA pa
   same way; on GPU it is one ``ragged_dot`` op whose group dim Shardy does not split, so the expert weights of a
   layer are all-gathered over ``expert`` first (correct, sharded at rest, but the expert matmuls are not split).
   A shard_map all-to-all expert-parallel path would be the next step for GPU throughput.
-* Per-layer weight gathering (ZeRO-3 peak memory) would need a hook inside the layer scan; here the whole param
-  tree is gathered over the batch axes once per call.
+* Inference here gathers the whole param tree over the batch axes once per call; training gathers one layer at a
+  time inside the layer scan (ZeRO-3, ``zaya.train.step``: ``Impl.gather_layer``).
 
 Tests: ``tests/test_sharding.py`` (8 simulated CPU devices; sharded logits and decode equal single-device).
 """
