@@ -70,49 +70,35 @@ def ensure_devices(n: int, argv: list[str]) -> None:
 
 
 def analyse(cfg) -> dict:
-    """Lower and compile the run's train step on abstract inputs; per-device bytes and compile seconds."""
+    """Lower and compile the run's train step (``zaya.train.loop.step_setup``, as ``zaya train`` builds it) on
+    abstract inputs; per-device bytes and compile seconds. ``cfg`` is validated (``configs.load`` does it)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from zaya.model.params import param_shapes
-    from zaya.model.transformer import Impl
-    from zaya.train import configs
     from zaya.train import state as st
-    from zaya.train.loop import make_mesh
-    from zaya.train.optim import make_optimizer
-    from zaya.train.step import batch_axes, make_train_step
+    from zaya.train.loop import step_setup
+    from zaya.train.step import batch_axis_names
 
-    configs.validate(cfg)
-    model_cfg, opts = configs.model_from(cfg), configs.tidar_options(cfg)
-    mesh = make_mesh(cfg)
-    rules = tuple(tuple(r) for r in cfg.sharding_rules) or None
-    abstract = jax.tree.map(lambda s: np.zeros((), np.float32), param_shapes(model_cfg),
-                            is_leaf=lambda x: isinstance(x, tuple))
-    optimizer, schedule = make_optimizer(cfg.optim, cfg.num_steps, abstract)
-    state_sh = st.state_shardings(model_cfg, optimizer, mesh, rules)
-    impl = Impl(attention=cfg.impl.attention, moe=cfg.impl.moe, remat=bool(cfg.impl.remat))
-    step = make_train_step(model_cfg, opts, optimizer, schedule, cfg.grad_accum, impl, mesh, rules, state_sh,
-                           cfg.batch_size, balance_rate=float(cfg.optim.router_balance_rate))
-    state = st.with_shardings(st.abstract_state(model_cfg, optimizer), state_sh)
-    bsh = NamedSharding(mesh, P(batch_axes(mesh, rules, cfg.batch_size)))
+    s = step_setup(cfg)
+    state = st.with_shardings(st.abstract_state(s.model_cfg, s.optimizer), s.state_sh)
+    bsh = NamedSharding(s.mesh, P(s.dp))
     B, S = cfg.batch_size, cfg.seq_len
     batch = {"tokens": jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=bsh),
              "doc_ids": jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=bsh),
              "loss_mask": jax.ShapeDtypeStruct((B, S), jnp.float32, sharding=bsh)}
+    shards = math.prod(s.mesh.shape[a] for a in batch_axis_names(s.dp))
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = s.step_fn.lower(state, batch).compile()
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     got = {f: int(getattr(ma, f"{f}_size_in_bytes", 0) or 0) for f in FIELDS}
     got["peak"] = got["argument"] + got["output"] - got["alias"] + got["temp"]
-    return {"bytes_per_device": got, "compile_s": seconds, "mesh": dict(mesh.shape), "devices": int(mesh.size),
+    return {"bytes_per_device": got, "compile_s": seconds, "mesh": dict(s.mesh.shape), "devices": int(s.mesh.size),
             "backend": jax.default_backend(), "batch_size": B, "seq_len": S, "grad_accum": int(cfg.grad_accum),
-            "rows_per_device_per_microbatch": B // int(cfg.grad_accum) // max(1, math.prod(
-                mesh.shape[a] for a in ("data", "fsdp"))),
-            "num_params": int(model_cfg.num_params()), "remat": bool(cfg.impl.remat), "moe": cfg.impl.moe,
-            "attention": cfg.impl.attention, "dtype": model_cfg.dtype}
+            "rows_per_device_per_microbatch": B // int(cfg.grad_accum) // shards,
+            "num_params": int(s.model_cfg.num_params()), "remat": bool(cfg.impl.remat), "moe": cfg.impl.moe,
+            "attention": cfg.impl.attention, "dtype": s.model_cfg.dtype}
 
 
 def report(spec: str, res: dict) -> str:
@@ -131,7 +117,8 @@ def report(spec: str, res: dict) -> str:
 
 def main(a, overrides: list[str], argv: list[str]) -> dict:
     if not a.config:
-        raise SystemExit("zaya bench memory: --config FILE:variant is required (e.g. experiments/tidar_convert.py:full)")
+        raise SystemExit("zaya bench memory: --config FILE:variant is required "
+                         "(e.g. experiments/tidar_convert.py:full)")
     mesh = parse_mesh(a.mesh)
     cfg = load_config(a.config, mesh, overrides)
     n = int(cfg.mesh.num_devices) or math.prod(v for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,

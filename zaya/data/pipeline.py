@@ -70,11 +70,15 @@ def _cfg(data_cfg) -> dict:
     return out
 
 
-def _shard(shard_options) -> tuple[int, int]:
+def _shard(shard_options, batch_size: int) -> tuple[int, int]:
+    """(shard index, shard count), checked against the global ``batch_size`` each shard takes an equal block of."""
     so = shard_options if shard_options is not None else grain.sharding.ShardByJaxProcess()
     i, n = int(so.shard_index), int(so.shard_count)
     if not 0 <= i < n:
         raise DataError(f"shard_index={i} not in [0, shard_count={n})")
+    if batch_size % n:
+        raise DataError(f"batch_size={batch_size} (global) must be a multiple of the data shard count {n} "
+                        "(processes whose devices hold different batch rows)")
     return i, n
 
 
@@ -173,9 +177,7 @@ def make_train_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size:
                        split: str = "train", shard_options=None):
     """(grain.MapDataset of this shard's batches, fingerprint). See :func:`make_train_iter`."""
     c = _cfg(data_cfg)
-    i, n = _shard(shard_options)
-    if batch_size % n:
-        raise DataError(f"batch_size={batch_size} (global) must be a multiple of the data shard count {n} (processes whose devices hold different batch rows)")
+    i, n = _shard(shard_options, batch_size)
     docs = load_corpus(c, tokenizer, split)
     order = np.random.Generator(np.random.PCG64(_seed32(seed, 1))).permutation(len(docs))
     pk = packing.plan(docs, seq_len, order, max_open=int(c["packing_bins"]))
@@ -202,8 +204,9 @@ def make_train_iter(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size: in
     """An endless (``num_epochs=None``) or finite iterator of this process's batches of the ``split`` documents.
 
     ``batch_size`` is the global batch; shard i of ``shard_count`` gets its contiguous block of
-    ``batch_size // shard_count`` rows of each global batch. ``shard_options``: a ``grain.sharding.ShardOptions(shard_index, shard_count)``; default
-    ``ShardByJaxProcess()`` (``jax.process_index()`` of ``jax.process_count()``).
+    ``batch_size // shard_count`` rows of each global batch. ``shard_options``: a
+    ``grain.sharding.ShardOptions(shard_index, shard_count)``; default ``ShardByJaxProcess()``
+    (``jax.process_index()`` of ``jax.process_count()``).
     """
     c = _cfg(data_cfg)
     ds, fp = make_train_dataset(c, tokenizer, seq_len, batch_size, seed, split, shard_options)
@@ -220,9 +223,7 @@ def make_eval_batches(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size: 
     shards get the same number of batches.
     """
     c = _cfg(data_cfg)
-    i, n = _shard(shard_options)
-    if batch_size % n:
-        raise DataError(f"batch_size={batch_size} (global) must be a multiple of the data shard count {n} (processes whose devices hold different batch rows)")
+    i, n = _shard(shard_options, batch_size)
     docs = load_corpus(c, tokenizer, split)
     rows = packing.PackedRows(docs, packing.plan(docs, seq_len, max_open=int(c["packing_bins"])), tokenizer.pad_id)
     num_batches = -(-len(rows) // batch_size)

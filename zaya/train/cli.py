@@ -23,16 +23,11 @@ def startup_errors() -> tuple:
 
 def dry_run(cfg) -> dict:
     """Print where this process's devices sit in the run's mesh and which batch rows it loads; train nothing."""
-    from zaya.train import configs
     from zaya.train.distributed import describe
-    from zaya.train.loop import make_mesh
-    from zaya.train.step import batch_axes
-    configs.validate(cfg)
-    mesh = make_mesh(cfg)
-    rules = tuple(tuple(r) for r in cfg.sharding_rules) or None
-    dp = batch_axes(mesh, rules, cfg.batch_size)
-    print(describe(mesh, dp, cfg.batch_size), flush=True)
-    return {"mesh": dict(mesh.shape), "batch_axes": dp}
+    from zaya.train.loop import step_setup
+    s = step_setup(cfg)
+    print(describe(s.mesh, s.dp, cfg.batch_size), flush=True)
+    return {"mesh": dict(s.mesh.shape), "batch_axes": s.dp}
 
 
 def main(args, rest) -> dict:

@@ -15,6 +15,7 @@ coordinates and the batch rows it will load (``describe``), then exits without c
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Mapping
@@ -85,12 +86,11 @@ def describe(mesh, dp, batch_size: int) -> str:
     import jax
     import numpy as np
 
-    from zaya.train.step import batch_block, batch_shard
+    from zaya.train.step import batch_axis_names, batch_block, batch_shard
     me = jax.process_index()
     lines = [f"process {me}/{jax.process_count()}: {len(jax.local_devices())} local devices, mesh "
              f"{dict(mesh.shape)}, batch axes {dp}"]
-    axes = () if dp is None else ((dp,) if isinstance(dp, str) else tuple(dp))
-    rows = batch_size // int(np.prod([mesh.shape[a] for a in axes]))  # rows per batch block
+    rows = batch_size // math.prod(mesh.shape[a] for a in batch_axis_names(dp))  # rows per batch block
     for idx in np.ndindex(mesh.devices.shape):
         d = mesh.devices[idx]
         if d.process_index == me:

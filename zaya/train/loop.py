@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -98,33 +98,53 @@ def next_batch(it, step: int, num_steps: int):
                         "raise num_epochs, set it to None (repeat), or lower num_steps") from None
 
 
+class StepSetup(NamedTuple):
+    """What a run's train step is made of; ``step_fn`` is jitted but not compiled, nothing is allocated."""
+    model_cfg: ZayaConfig
+    opts: object            # TidarOptions
+    mesh: object
+    rules: tuple | None
+    dp: object              # the batch axes (``step.batch_axes``)
+    optimizer: object
+    schedule: Callable
+    state_sh: st.TrainState  # of NamedShardings
+    impl: Impl
+    step_fn: Callable
+
+
+def step_setup(cfg, loss_fn=None) -> StepSetup:
+    """Model, mesh, optimizer, state shardings and the jitted train step of the (validated) config ``cfg``: what
+    ``Run`` trains with, ``zaya train --dry-run`` describes and ``zaya bench memory`` compiles."""
+    model_cfg, opts = configs.model_from(cfg), configs.tidar_options(cfg)
+    mesh = make_mesh(cfg)
+    rules = tuple(tuple(r) for r in cfg.sharding_rules) or None
+    dp = batch_axes(mesh, rules, cfg.batch_size)
+    abstract = jax.tree.map(lambda s: np.zeros((), np.float32), param_shapes(model_cfg),
+                            is_leaf=lambda x: isinstance(x, tuple))
+    optimizer, schedule = make_optimizer(cfg.optim, cfg.num_steps, abstract)
+    state_sh = st.state_shardings(model_cfg, optimizer, mesh, rules)
+    impl = Impl(attention=cfg.impl.attention, moe=cfg.impl.moe, remat=bool(cfg.impl.remat))
+    step_fn = make_train_step(model_cfg, opts, optimizer, schedule, cfg.grad_accum, impl, mesh, rules, state_sh,
+                              cfg.batch_size, loss_fn, balance_rate=float(cfg.optim.router_balance_rate),
+                              fast_compile=bool(cfg.impl.fast_compile))
+    return StepSetup(model_cfg, opts, mesh, rules, dp, optimizer, schedule, state_sh, impl, step_fn)
+
+
 class Run:
     """The pieces of one run, built and checked before any training compute."""
 
     def __init__(self, cfg, workdir: str, loss_fn=None, before_commit: Callable[[int], None] | None = None):
         configs.validate(cfg)
         self.cfg, self.workdir = cfg, os.path.abspath(workdir)
-        self.model_cfg = configs.model_from(cfg)
-        self.opts = configs.tidar_options(cfg)
+        (self.model_cfg, self.opts, self.mesh, self.rules, self.dp, self.optimizer, self.schedule, self.state_sh,
+         self.impl, self.step_fn) = step_setup(cfg, loss_fn)
+        self.loss_fn = loss_fn
         self.tok = check_inputs(cfg, self.model_cfg)
-        self.mesh = make_mesh(cfg)
-        self.rules = tuple(tuple(r) for r in cfg.sharding_rules) or None
-        self.dp = batch_axes(self.mesh, self.rules, cfg.batch_size)
         import grain
         from zaya.data import pipeline
         self.shard = grain.sharding.ShardOptions(*batch_shard(self.mesh, self.dp))  # this process's batch rows
         self.train_iter = pipeline.make_train_iter(cfg.data, self.tok, cfg.seq_len, cfg.batch_size, cfg.seed,
                                                    shard_options=self.shard)
-        abstract = jax.tree.map(lambda s: np.zeros((), np.float32), param_shapes(self.model_cfg),
-                                is_leaf=lambda x: isinstance(x, tuple))
-        self.optimizer, self.schedule = make_optimizer(cfg.optim, cfg.num_steps, abstract)
-        self.state_sh = st.state_shardings(self.model_cfg, self.optimizer, self.mesh, self.rules)
-        self.impl = Impl(attention=cfg.impl.attention, moe=cfg.impl.moe, remat=bool(cfg.impl.remat))
-        self.loss_fn = loss_fn
-        self.step_fn = make_train_step(self.model_cfg, self.opts, self.optimizer, self.schedule, cfg.grad_accum,
-                                       self.impl, self.mesh, self.rules, self.state_sh, cfg.batch_size, loss_fn,
-                                       balance_rate=float(cfg.optim.router_balance_rate),
-                                       fast_compile=bool(cfg.impl.fast_compile))
         self.ckpt = Checkpoints(os.path.join(self.workdir, "checkpoints"), cfg.checkpoint.keep,
                                 cfg.checkpoint.use_async, before_commit)
 

@@ -121,7 +121,7 @@ def make_train_step(model_cfg: ZayaConfig, opts, optimizer: optax.GradientTransf
     dp = batch_axes(mesh, rules, batch_size) if batch_size else None
     zero3 = None
     if dp is not None:
-        names = {dp} if isinstance(dp, str) else set(dp)
+        names = set(batch_axis_names(dp))
         zero3 = zero3_specs(state_sh.params, names) if state_sh is not None else None
     if zero3 is not None:  # weights stay sharded inside the step: gathered per use, grads reduce-scattered
         gather_layer = functools.partial(_gather_tree, specs=jax.tree.map(lambda sp: P(*sp[1:]), zero3["layers"],
@@ -224,12 +224,16 @@ def _mean_sharded_grad(g, spec, manual: set):
     return jax.lax.pmean(g, rest) if rest else g
 
 
+def batch_axis_names(dp) -> tuple:
+    """``batch_axes``' value (None, a mesh axis name or a tuple of them) as a tuple of names."""
+    return () if dp is None else ((dp,) if isinstance(dp, str) else tuple(dp))
+
+
 def batch_block(mesh, dp, idx: tuple) -> int:
     """Which block of batch rows the device at mesh index ``idx`` holds when rows are split over the axes ``dp``
     (row-major over the listed axes, as ``PartitionSpec(dp)`` splits them); 0 without batch axes."""
-    axes = () if dp is None else ((dp,) if isinstance(dp, str) else tuple(dp))
     coord = dict(zip(mesh.axis_names, idx))
-    return functools.reduce(lambda acc, a: acc * mesh.shape[a] + coord[a], axes, 0)
+    return functools.reduce(lambda acc, a: acc * mesh.shape[a] + coord[a], batch_axis_names(dp), 0)
 
 
 def batch_shard(mesh, dp) -> tuple[int, int]:
@@ -242,7 +246,7 @@ def batch_shard(mesh, dp) -> tuple[int, int]:
     """
     if mesh is None or dp is None:
         return 0, 1
-    axes = (dp,) if isinstance(dp, str) else tuple(dp)
+    axes = batch_axis_names(dp)
     total = math.prod(mesh.shape[a] for a in axes)
     me = jax.process_index()
     held = {batch_block(mesh, dp, idx) for idx in np.ndindex(mesh.devices.shape)
@@ -262,6 +266,12 @@ def put_batch(batch: dict, mesh, dp) -> dict:
     if mesh is None:
         return jax.tree.map(jnp.asarray, batch)
     sh = NamedSharding(mesh, P(dp))
-    n = batch_shard(mesh, dp)[1]
+    n = _shard_count(mesh, dp)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, x, (x.shape[0] * n, *x.shape[1:])),
                         batch)
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_count(mesh, dp) -> int:
+    """``batch_shard``'s count, once per (mesh, batch axes): put_batch runs every step and it scans the mesh."""
+    return batch_shard(mesh, dp)[1]
