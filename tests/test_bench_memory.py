@@ -42,3 +42,11 @@ def test_fsdp_shards_the_state(tmp_path):
     state_bytes = 3 * 4 * rep["num_params"]  # params + two Adam moments, fp32
     assert a["argument"] >= state_bytes  # replicated: the whole state on every device
     assert b["argument"] < 0.4 * a["argument"]  # sharded at rest over fsdp=4
+
+
+def test_bad_config_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        memory.load_config(f"{ROOT}/experiments/pretrain_ar.py:tiny", {"data": 3}, ["--config.batch_size=8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zaya bench memory: ConfigError:") and "batch_size=8" in err and err.count("\n") == 1
