@@ -85,3 +85,51 @@ def bpe_tokenizer(path, texts):
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path))
     return tok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker crashes. A few full-suite runs (CI included) lost an xdist worker to a fatal signal inside XLA:CPU, each
+# time in a different test that passes alone. CI reruns such a test once in a fresh worker (pytest-rerunfailures:
+# `--reruns 1 --rerun-except .`, so an ordinary failure is never rerun), and the crashed worker's stack is printed
+# at the end of the run, where a truncated CI log still shows it.
+
+@pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin, which points it at stderr
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller: a folder the workers write their crash stacks to
+        import tempfile
+        os.environ["ZAYA_CRASH_DIR"] = config._zaya_crash_dir = tempfile.mkdtemp(prefix="zaya-crash-")
+    elif os.environ.get("ZAYA_CRASH_DIR"):
+        import faulthandler
+        path = os.path.join(os.environ["ZAYA_CRASH_DIR"], f"{config.workerinput['workerid']}-{os.getpid()}.txt")
+        config._zaya_crash_file = open(path, "w")  # kept open: faulthandler writes to its fd on a fatal signal
+        faulthandler.enable(config._zaya_crash_file, all_threads=True)
+
+
+def crash_report(text: str, max_lines: int = 60) -> str:
+    """The useful part of a faulthandler dump: the error line and the crashing thread's stack (the last frames of
+    the other threads and the extension-module list are left out)."""
+    lines = text.splitlines()
+    head = [ln for ln in lines[:3] if ln.startswith("Fatal Python error")]
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("Current thread")), None)
+    if start is None:
+        return "\n".join(lines[:max_lines])
+    body = []
+    for ln in lines[start:]:
+        if body and not ln.startswith(" "):
+            break
+        body.append(ln)
+    return "\n".join(head + body[:max_lines])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    d = getattr(config, "_zaya_crash_dir", None)
+    if not d or not os.path.isdir(d):
+        return
+    import shutil
+    for name in sorted(os.listdir(d)):
+        with open(os.path.join(d, name)) as f:
+            text = f.read()
+        if text.strip():
+            terminalreporter.section(f"xdist worker {name.split('-')[0]} died (its stack, from faulthandler)")
+            terminalreporter.write_line(crash_report(text))
+    shutil.rmtree(d, ignore_errors=True)

@@ -40,3 +40,36 @@ def test_require_fails_when_dev_extras_are_installed(monkeypatch):
     with pytest.raises(pytest.skip.Exception):
         require("zaya_no_such_module", why="needs it")
     assert require("numpy").__name__ == "numpy"
+
+
+def test_a_crashed_worker_reruns_once_and_an_ordinary_failure_never(tmp_path):
+    """CI's flags (README ci:test): a test whose xdist worker dies of SIGSEGV runs again in a fresh worker and
+    passes; an assertion failure is not rerun; the dead worker's stack is printed at the end of the run."""
+    import shutil
+    shutil.copy(os.path.join(HERE, "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_x.py").write_text(
+        "import ctypes, os\n"
+        "def test_crash_once():\n"
+        f"    flag = {str(tmp_path / 'flag')!r}\n"
+        "    if not os.path.exists(flag):\n"
+        "        open(flag, 'w').close()\n"
+        "        ctypes.string_at(0)\n"
+        "def test_fails():\n"
+        "    assert 1 == 2\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--reruns", "1", "--rerun-except", ".",
+                        "-p", "no:cacheprovider", "test_x.py"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    last = r.stdout.strip().splitlines()[-1]
+    assert "1 failed, 1 passed, 1 rerun" in last, r.stdout[-3000:]
+    assert "FAILED test_x.py::test_fails" in r.stdout
+    assert "died (its stack, from faulthandler)" in r.stdout and "in test_crash_once" in r.stdout
+
+
+def test_crash_report_keeps_the_error_and_the_crashing_thread():
+    from conftest import crash_report
+    dump = ("Fatal Python error: Segmentation fault\n\nThread 0x1 (most recent call first):\n  File \"a.py\", line 1 "
+            "in idle\n\nCurrent thread 0x2 (most recent call first):\n  File \"b.py\", line 2 in crash\n  File "
+            "\"c.py\", line 3 in test_x\n\nExtension modules: numpy (total: 1)\n")
+    out = crash_report(dump)
+    assert out.splitlines() == ["Fatal Python error: Segmentation fault", "Current thread 0x2 (most recent call first):",
+                                '  File "b.py", line 2 in crash', '  File "c.py", line 3 in test_x']
