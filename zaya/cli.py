@@ -1,4 +1,4 @@
-"""The ``zaya`` command line: convert, export, generate, bench, train, demo.
+"""The ``zaya`` command line: convert, export, generate, bench, train, demo, data.
 
 Every subcommand imports its module lazily so ``zaya --help`` is fast.
 """
@@ -35,6 +35,11 @@ def _train(a, rest):
 
 def _demo(a):
     from zaya.demo import main
+    return main(a)
+
+
+def _data(a):
+    from zaya.data.cli import main
     return main(a)
 
 
@@ -89,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="zaya_demo")
     d.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
     d.set_defaults(fn=_demo)
+
+    s = sub.add_parser("data", help="prepare a corpus as token shards for streaming training; verify them")
+    from zaya.data.cli import add_arguments as data_arguments
+    data_arguments(s)
+    s.set_defaults(fn=_data)
     return p
 
 

@@ -1,4 +1,6 @@
-"""Data: tokenizers, document sources (embedded Shakespeare, text, JSONL), generated tasks, the grain pipeline.
+"""Data: tokenizers, document sources (embedded Shakespeare, text, JSONL), generated tasks, the grain pipeline, and
+token shards prepared once for corpora of any size (``zaya data prepare``: :mod:`zaya.data.shards`, read by
+:mod:`zaya.data.shard_source`).
 
 Heavy imports (grain) load lazily: ``from zaya.data import make_train_iter`` pulls in the pipeline on first use.
 """

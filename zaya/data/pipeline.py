@@ -11,7 +11,10 @@ Determinism: the corpus and its train/val split do not depend on the seed (the s
 The train iterator is a ``grain.DatasetIterator``: ``get_state()`` is a small JSON-able dict, ``set_state`` on a
 fresh iterator built with the same arguments resumes exactly (grain's orbax checkpoint handlers work with it).
 
-Corpora are tokenized and packed eagerly in memory (fine up to a few hundred million tokens).
+Corpora are tokenized and packed eagerly in memory (fine up to a few hundred million tokens). Larger ones are
+tokenized once by ``zaya data prepare`` (:mod:`zaya.data.shards`) and read with ``source='shards:<dir>'``: rows are
+then cut from the memory-mapped token stream by random access (:class:`zaya.data.shard_source.ShardRows`), with the
+same shuffle, repeat, batching, process sharding and resumable state, and a fingerprint taken from the manifest.
 """
 from __future__ import annotations
 
@@ -20,12 +23,12 @@ import math
 import grain
 import numpy as np
 
-from zaya.data import packing, sources, tasks
+from zaya.data import packing, shard_source, sources, tasks
 from zaya.data.sources import DataError, Document
 from zaya.data.tokenizer import Tokenizer
 
 DEFAULTS = dict(
-    source="shakespeare",  # 'shakespeare' | 'tasks' | 'text:<glob>' | 'jsonl:<path or glob>'
+    source="shakespeare",  # 'shakespeare' | 'tasks' | 'text:<glob>' | 'jsonl:<path or glob>' | 'shards:<dir>'
     sft=False,  # no loss on prompts (jsonl prompt/response, tasks)
     jsonl_fields="text",  # 'text' or 'prompt,response' (a tuple works too)
     text_split="file",  # text files: 'file' (one doc per file) or 'blank_line'
@@ -118,6 +121,9 @@ def tokenize(docs: list[Document], tokenizer: Tokenizer, sft: bool) -> packing.T
 def load_corpus(data_cfg, tokenizer: Tokenizer, split: str = "train") -> packing.TokenizedDocs:
     """The tokenized documents of one split (corpus plus mixed-in task examples), in a seed-independent order."""
     c = _cfg(data_cfg)
+    if shard_source.is_shards(c["source"]):
+        raise DataError(f"load_corpus reads documents into memory; source {c['source']!r} (prepared shards) is read "
+                        "by make_train_dataset / make_eval_batches")
     if c["source"] == "tasks":
         docs = [tasks.as_document(t) for t in tasks.generate(int(c["num_tasks"]), c["tasks_seed"], c["task_kinds"],
                                                                 max_len=int(c["task_max_len"]))]
@@ -142,6 +148,10 @@ def load_corpus(data_cfg, tokenizer: Tokenizer, split: str = "train") -> packing
                     + [task_tok.tokens[task_tok.offsets[i]:task_tok.offsets[i + 1]] for i in range(k)])
         tok = packing.TokenizedDocs.build(docs_all, np.concatenate([tok.n_masked, task_tok.n_masked[:k]]))
     return tok
+
+
+def _shard_rows(c: dict, tokenizer: Tokenizer, seq_len: int, split: str) -> shard_source.ShardRows:
+    return shard_source.open_rows(c, tokenizer, seq_len, split, _cfg({}))
 
 
 def _seed32(seed: int, stream: int) -> int:
@@ -178,10 +188,15 @@ def make_train_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size:
     """(grain.MapDataset of this shard's batches, fingerprint). See :func:`make_train_iter`."""
     c = _cfg(data_cfg)
     i, n = _shard(shard_options, batch_size)
-    docs = load_corpus(c, tokenizer, split)
-    order = np.random.Generator(np.random.PCG64(_seed32(seed, 1))).permutation(len(docs))
-    pk = packing.plan(docs, seq_len, order, max_open=int(c["packing_bins"]))
-    rows = packing.PackedRows(docs, pk, tokenizer.pad_id)
+    if shard_source.is_shards(c["source"]):
+        rows = _shard_rows(c, tokenizer, seq_len, split)
+        data_fp = f"shards-{rows.fingerprint()}"
+    else:
+        docs = load_corpus(c, tokenizer, split)
+        order = np.random.Generator(np.random.PCG64(_seed32(seed, 1))).permutation(len(docs))
+        pk = packing.plan(docs, seq_len, order, max_open=int(c["packing_bins"]))
+        rows = packing.PackedRows(docs, pk, tokenizer.pad_id)
+        data_fp = f"{docs.fingerprint()}-{pk.fingerprint()}"
     ds = grain.MapDataset.source(rows).shuffle(seed=_seed32(seed, 2))  # a fresh permutation every epoch
     epochs = None if c["num_epochs"] is None else int(c["num_epochs"])
     ds = ds.repeat(epochs)
@@ -195,7 +210,7 @@ def make_train_dataset(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size:
     ds = ds.batch(batch_size // n, drop_remainder=True)[i::n]
     # no shard index: the iterator state (batches consumed) is the same on every shard, so the one copy a
     # multi-process checkpoint keeps (process 0's) restores every process
-    fp = f"{docs.fingerprint()}-{pk.fingerprint()}-{seed}-{batch_size}-{n}shards-{epochs}"
+    fp = f"{data_fp}-{seed}-{batch_size}-{n}shards-{epochs}"
     return ds, fp
 
 
@@ -224,8 +239,12 @@ def make_eval_batches(data_cfg, tokenizer: Tokenizer, seq_len: int, batch_size: 
     """
     c = _cfg(data_cfg)
     i, n = _shard(shard_options, batch_size)
-    docs = load_corpus(c, tokenizer, split)
-    rows = packing.PackedRows(docs, packing.plan(docs, seq_len, max_open=int(c["packing_bins"])), tokenizer.pad_id)
+    if shard_source.is_shards(c["source"]):
+        rows = _shard_rows(c, tokenizer, seq_len, split)
+    else:
+        docs = load_corpus(c, tokenizer, split)
+        rows = packing.PackedRows(docs, packing.plan(docs, seq_len, max_open=int(c["packing_bins"])),
+                                  tokenizer.pad_id)
     num_batches = -(-len(rows) // batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, int(max_batches))

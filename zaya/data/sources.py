@@ -2,7 +2,8 @@
 
 A :class:`Document` is ``text`` (trained on) preceded by an optional ``prompt`` (masked out of the loss in SFT mode).
 Every loader returns a non-empty list in a deterministic order, or raises a :class:`DataError` that names the file
-(and line, for JSONL).
+(and line, for JSONL). The ``iter_*`` readers yield the same documents one at a time, reading text and JSONL files as a
+stream (``zaya data prepare`` tokenizes corpora larger than memory with them); the list loaders are built on them.
 """
 from __future__ import annotations
 
@@ -55,31 +56,120 @@ def _nonempty(docs: list, what: str) -> list:
 # --------------------------------------------------------------------------------------------------------------
 # Text files.
 
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def text_paths(pattern: str) -> list[str]:
+    """The files matching ``pattern`` (a path or glob, ``**`` recursive), in sorted order."""
+    paths = sorted(p for p in _glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"no text files match {pattern!r} (cwd {os.getcwd()})")
+    return paths
+
+
+def _split_blank_lines(f, chunk: int = 1 << 20):
+    """``re.split(_BLANK_LINE, f.read())``, reading ``chunk`` characters at a time. A separator always ends inside
+    the text read so far, so splitting each buffer and carrying its last (possibly unfinished) part over gives the
+    same parts as splitting the whole text."""
+    carry = ""
+    while True:
+        block = f.read(chunk)
+        if not block:
+            break
+        parts = _BLANK_LINE.split(carry + block)
+        carry = parts.pop()
+        yield from parts
+    yield carry
+
+
+def _text_docs(path: str, split: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            parts = [f.read()] if split == "file" else _split_blank_lines(f)
+            for t in parts:
+                if t.strip():
+                    yield Document(t.strip("\n"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def iter_text_files(pattern: str, split: str = "file"):
+    """:func:`text_files`, one document at a time (``split='blank_line'`` reads each file as a stream)."""
+    if split not in ("file", "blank_line"):
+        raise DataError(f"text split={split!r}; use 'file' or 'blank_line'")
+    for p in text_paths(pattern):
+        yield from _text_docs(p, split)
+
+
 def text_files(pattern: str, split: str = "file") -> list[Document]:
     """Documents from the files matching ``pattern`` (a path or glob, ``**`` recursive), in sorted path order.
 
     ``split='file'``: one document per file; ``split='blank_line'``: documents separated by blank lines.
     Whitespace-only documents are dropped.
     """
-    if split not in ("file", "blank_line"):
-        raise DataError(f"text split={split!r}; use 'file' or 'blank_line'")
-    paths = sorted(p for p in _glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-    if not paths:
-        raise FileNotFoundError(f"no text files match {pattern!r} (cwd {os.getcwd()})")
-    docs = []
-    for p in paths:
-        try:
-            with open(p, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{p}: not UTF-8 text ({e})") from None
-        parts = [text] if split == "file" else re.split(r"\n[ \t]*\n", text)
-        docs.extend(Document(t.strip("\n")) for t in parts if t.strip())
-    return _nonempty(docs, f"text files {pattern!r}")
+    return _nonempty(list(iter_text_files(pattern, split)), f"text files {pattern!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # JSONL.
+
+def _jsonl_fields(fields) -> tuple[str, ...]:
+    if isinstance(fields, str):
+        fields = (fields,)
+    fields = tuple(fields)
+    if len(fields) not in (1, 2) or not all(isinstance(f, str) for f in fields):
+        raise DataError(f"jsonl fields={fields!r}; use one field name ('text') or two ('prompt', 'response')")
+    return fields
+
+
+def jsonl_paths(path: str) -> list[str]:
+    """The file ``path``, or the files matching it when it is a glob, in sorted order."""
+    paths = sorted(_glob.glob(os.path.expanduser(path), recursive=True)) if any(c in path for c in "*?[") else [path]
+    if not paths or not all(os.path.isfile(p) for p in paths):
+        missing = [p for p in paths if not os.path.isfile(p)] or [path]
+        raise FileNotFoundError(f"JSONL file {missing[0]!r} not found (cwd {os.getcwd()})")
+    return paths
+
+
+def _jsonl_doc(line: str, fields: tuple[str, ...], where: str) -> Document | None:
+    """The document of one JSONL line (None for a blank line or an empty record); ``where`` is 'path:line'."""
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    vals = []
+    for k in fields:
+        if k not in rec:
+            raise DataError(f"{where}: missing field {k!r} (has {sorted(rec)}); set jsonl_fields")
+        if not isinstance(rec[k], str):
+            raise DataError(f"{where}: field {k!r} is {type(rec[k]).__name__}, expected a string")
+        vals.append(rec[k])
+    doc = Document(vals[0]) if len(vals) == 1 else Document(text=vals[1], prompt=vals[0])
+    return doc if doc.text or doc.prompt else None
+
+
+def iter_jsonl(path: str, fields: str | tuple | list = "text"):
+    """:func:`jsonl`, one document at a time (each file is read line by line)."""
+    fields = _jsonl_fields(fields)
+    for p in jsonl_paths(path):
+        lineno = 0
+        try:
+            with open(p, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    doc = _jsonl_doc(line, fields, f"{p}:{lineno}")
+                    if doc is not None:
+                        yield doc
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text after line {lineno} ({e.reason})") from None
+        except OSError as e:
+            raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+
 
 def jsonl(path: str, fields: str | tuple | list = "text") -> list[Document]:
     """One document per line of a JSON-lines file (blank lines skipped).
@@ -87,38 +177,7 @@ def jsonl(path: str, fields: str | tuple | list = "text") -> list[Document]:
     ``fields='text'`` (any single name): plain documents from that field. ``fields=('prompt', 'response')``:
     SFT documents, prompt from the first field and the trained-on text from the second.
     """
-    if isinstance(fields, str):
-        fields = (fields,)
-    fields = tuple(fields)
-    if len(fields) not in (1, 2) or not all(isinstance(f, str) for f in fields):
-        raise DataError(f"jsonl fields={fields!r}; use one field name ('text') or two ('prompt', 'response')")
-    paths = sorted(_glob.glob(os.path.expanduser(path), recursive=True)) if any(c in path for c in "*?[") else [path]
-    if not paths or not all(os.path.isfile(p) for p in paths):
-        missing = [p for p in paths if not os.path.isfile(p)] or [path]
-        raise FileNotFoundError(f"JSONL file {missing[0]!r} not found (cwd {os.getcwd()})")
-    docs = []
-    for p in paths:
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                vals = []
-                for k in fields:
-                    if k not in rec:
-                        raise DataError(f"{p}:{lineno}: missing field {k!r} (has {sorted(rec)}); set jsonl_fields")
-                    if not isinstance(rec[k], str):
-                        raise DataError(f"{p}:{lineno}: field {k!r} is {type(rec[k]).__name__}, expected a string")
-                    vals.append(rec[k])
-                doc = Document(vals[0]) if len(vals) == 1 else Document(text=vals[1], prompt=vals[0])
-                if doc.text or doc.prompt:
-                    docs.append(doc)
-    return _nonempty(docs, f"JSONL {path!r}")
+    return _nonempty(list(iter_jsonl(path, fields)), f"JSONL {path!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -205,6 +264,28 @@ def shakespeare(unit: str = "scene") -> list[str]:
 
 # --------------------------------------------------------------------------------------------------------------
 
+def iter_documents(source: str, *, jsonl_fields="text", text_split: str = "file", shakespeare_unit: str = "scene"):
+    """:func:`load_documents`, one document at a time: text and JSONL files are read as a stream. Yields nothing (no
+    :class:`EmptyCorpusError`) for a corpus without documents; the caller decides."""
+    if source == "shakespeare":
+        yield from (Document(t) for t in shakespeare(shakespeare_unit))
+        return
+    kind, _, arg = source.partition(":")
+    if kind == "text" and arg:
+        yield from iter_text_files(arg, split=text_split)
+    elif kind == "jsonl" and arg:
+        yield from iter_jsonl(arg, fields=jsonl_fields)
+    else:
+        raise DataError(f"data source {source!r}; use 'shakespeare', 'tasks', 'text:<glob>', 'jsonl:<path>' or "
+                        "'shards:<dir>' (zaya data prepare)")
+
+
+def input_paths(source: str) -> list[str]:
+    """The files a text or JSONL source reads (empty for the embedded corpus)."""
+    kind, _, arg = source.partition(":")
+    return text_paths(arg) if kind == "text" else jsonl_paths(arg) if kind == "jsonl" else []
+
+
 def load_documents(source: str, *, jsonl_fields="text", text_split: str = "file",
                    shakespeare_unit: str = "scene") -> list[Document]:
     """Documents for a source spec: ``'shakespeare'``, ``'text:<glob>'``, ``'jsonl:<path or glob>'``.
@@ -216,4 +297,5 @@ def load_documents(source: str, *, jsonl_fields="text", text_split: str = "file"
         return text_files(arg, split=text_split)
     if kind == "jsonl" and arg:
         return jsonl(arg, fields=jsonl_fields)
-    raise DataError(f"data source {source!r}; use 'shakespeare', 'tasks', 'text:<glob>' or 'jsonl:<path>'")
+    raise DataError(f"data source {source!r}; use 'shakespeare', 'tasks', 'text:<glob>', 'jsonl:<path>' or "
+                    "'shards:<dir>' (zaya data prepare)")

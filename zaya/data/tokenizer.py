@@ -7,6 +7,7 @@ Model folders carry their tokenizer as an HF ``tokenizer.json``; the byte tokeni
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Iterable, Protocol, runtime_checkable
@@ -244,3 +245,22 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size) -> None:
         i = getattr(tokenizer, k, None)
         if i is not None and not 0 <= i < int(v):
             raise TokenizerError(f"tokenizer {name!r}: {k}={i} is outside the model vocab [0, {v})")
+
+
+# Text whose ids tell tokenizers apart: words, digits, code, whitespace runs, non-Latin scripts and the usual
+# special-token strings (which an HF tokenizer maps to their ids and the byte tokenizer spells out).
+_PROBE = ("The quick brown fox jumps over the lazy dog; to be, or not to be: that is the question.\n"
+          "  0123456789 12+35=47 3.14159 x**2 != y  \t\tdef f(a, b):\n"
+          "    return [a * b for _ in range(8)]  # ok\n\n"
+          "héllo wörld → 漢字かなカナ 한국어 русский العربية 🎭👍🏽 \u00a0\u200b\ufffd "
+          "<s></s><bos><eos><pad><mask><unk>[CLS][SEP]<|endoftext|><|im_start|><|im_end|>")
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """A short hash of what ``tokenizer`` does: its vocab size, special ids and the ids it gives a fixed probe text
+    (independent of where the tokenizer file lives). Token data made with one tokenizer must be read with a tokenizer
+    of the same fingerprint."""
+    ids = [int(i) for i in tokenizer.encode(_PROBE)]
+    special = [getattr(tokenizer, k, None) for k in ("bos_id", "eos_id", "pad_id", "mask_id")]
+    desc = [int(tokenizer.vocab_size), *special, ids]
+    return hashlib.blake2b(json.dumps(desc).encode(), digest_size=8).hexdigest()
