@@ -37,15 +37,16 @@ def test_wanted(env, want):
 
 def test_dry_run_under_simulated_slurm(tmp_path):
     """Two processes find each other from SLURM variables alone and print their devices, mesh coordinates and rows:
-    on data=2 x expert=2 each process owns one data shard (its two devices differ only along expert)."""
+    on data=2 x tensor=2 each process owns one data shard (its two devices differ only along tensor, which does not
+    split rows)."""
     exp = f"{multihost.ROOT}/experiments/pretrain_ar.py:tiny"
     logs = multihost.run(["train", "--config", exp, "--workdir", str(tmp_path / "w"), "--dry-run",
-                          "--config.mesh.data=2", "--config.mesh.expert=2", "--config.mesh.num_devices=4"],
+                          "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.num_devices=4"],
                          num_processes=2, devices=2, logdir=str(tmp_path), timeout=120, slurm=True)
     for i, log in enumerate(logs):
         assert f"process {i}/2: 2 local devices" in log, log
         assert f"loads rows [{4 * i}, {4 * i + 4}) of each global batch of 8 (data shard {i} of 2)" in log, log
-        for e in (0, 1):
-            assert f"-> mesh {{'data': {i}, 'fsdp': 0, 'tensor': 0, 'expert': {e}}} -> rows [{4 * i}, {4 * i + 4})" \
+        for t in (0, 1):
+            assert f"-> mesh {{'data': {i}, 'fsdp': 0, 'tensor': {t}, 'expert': 0}} -> rows [{4 * i}, {4 * i + 4})" \
                 in log, log
     assert not (tmp_path / "w").exists()  # a dry run writes nothing

@@ -115,6 +115,32 @@ def test_fsdp_gathers_one_layer_at_a_time(reference, dtype):
     assert any(f[0] == "reduce_scatter" for f in found), "grads should leave through reduce-scatter"
 
 
+def test_expert_parallel_step_matches_single_device(reference):
+    """data=2 x expert=2: rows split over both axes, each device keeps its 2 of the 4 experts and tokens travel by
+    all-to-all. The step equals one device's; the compiled program multiplies [2, D, 2F] expert weights only (never
+    the [4, D, 2F] stack) and never all-gathers them."""
+    from zaya import sharding
+    need_devices(4)
+    s0, tx, sched, batch, ref, mref = reference
+    mesh = sharding.make_mesh(data=2, expert=2, devices=jax.devices()[:4])
+    sh = st.state_shardings(CFG, tx, mesh)
+    assert sh.params["layers"]["experts"]["gate_up"].spec[1] == "expert"
+    step = make_train_step(CFG, OPTS, tx, sched, mesh=mesh, state_sh=sh, batch_size=4, fast_compile=True,
+                           donate=False)
+    placed, b = jax.device_put(s0, sh), put_batch(batch, mesh, ("data", "expert"))
+    out, m = step(placed, b)
+    assert float(m["loss"]) == pytest.approx(float(mref["loss"]), rel=1e-5)
+    assert float(m["moe_dropped"]) == 0.0  # dropless
+    _close(out.params, ref.params, rtol=1e-4, atol=2e-5)
+    assert out.params["layers"]["experts"]["down"].sharding.spec[1] == "expert"
+    hlo = step.lower(placed, b).compile().as_text()
+    E, D, F = CFG.num_experts, CFG.hidden_size, CFG.moe_intermediate_size
+    assert "all-to-all" in hlo
+    local, full = f"[2,{D},{2 * F}]", f"[{E},{D},{2 * F}]"
+    assert local in hlo and full not in hlo.replace(f"f32[{CFG.num_layers},{E},{D},{2 * F}]", ""), \
+        "expert weights should enter the matmuls as this device's [E/2, D, 2F] only"
+
+
 def test_bf16_compute_keeps_fp32_master_weights():
     """The step's output state stays fp32 with a bf16 model config (shapes/dtypes only: no compile)."""
     cfg = CFG.replace(dtype="bfloat16")

@@ -3,7 +3,7 @@
 Params carry *logical* axis names (``zaya.model.params.param_specs``); a rule table maps each name to a mesh axis,
 a tuple of mesh axes, or None (replicated). Rules are plain data (a tuple of pairs) so they can live in a config::
 
-  rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ...)
+  rules = (("batch", ("data", "fsdp", "expert")), ("embed", "fsdp"), ("heads", "tensor"), ...)
 
 ``logical_to_spec`` turns one leaf's logical axes into a ``PartitionSpec``: each mesh axis is used at most once per
 spec, size-1 mesh axes are left out, and a mesh axis that does not divide the dim is dropped (the dim stays
@@ -12,18 +12,18 @@ replicated along it), so one rule table serves the 8B model and the tiny test mo
 How the jitted functions split the work (``sharded_logits_fn``; ``zaya.generate`` on ``Model.mesh`` instead places the
 rows and the cache with ``batch_sharding`` / ``cache_shardings`` and lets XLA partition each step):
 
-* Batch axes (``data``, ``fsdp``) are *manual*: the model runs under ``jax.shard_map`` on each batch shard, with
-  the params gathered over those axes at entry (fsdp weights are sharded at rest: params, optimizer state and
-  checkpoints). Without this, XLA's propagation on the unannotated model code follows the fsdp-sharded hidden dim
-  of the weights instead of the batch: every device then computed the whole batch (checked in the HLO: dots over
-  all B*T tokens, full logits all-reduced), and the ragged MoE's global argsort gathered every token. Per shard,
-  the sort is local (the MoE is dropless, so each token's output is unchanged).
-* ``tensor`` and ``expert`` stay ``AxisType.Auto`` inside: XLA's SPMD partitioner splits heads / kv / MLP
-  columns and the experts' E axis and inserts the all-reduces. The dense MoE contracts over a sharded E (local
-  experts, one all-reduce). ``ragged_dot`` lowers to a dense masked dot on XLA:CPU, which partitions along E the
-  same way; on GPU it is one ``ragged_dot`` op whose group dim Shardy does not split, so the expert weights of a
-  layer are all-gathered over ``expert`` first (correct, sharded at rest, but the expert matmuls are not split).
-  A shard_map all-to-all expert-parallel path would be the next step for GPU throughput.
+* Batch axes (``data``, ``fsdp``, ``expert``) are *manual*: the model runs under ``jax.shard_map`` on each batch
+  shard, with the params gathered over those axes at entry (fsdp weights are sharded at rest: params, optimizer
+  state and checkpoints). Without this, XLA's propagation on the unannotated model code follows the fsdp-sharded
+  hidden dim of the weights instead of the batch: every device then computed the whole batch (checked in the HLO:
+  dots over all B*T tokens, full logits all-reduced), and the ragged MoE's global argsort gathered every token. Per
+  shard, the sort is local (the MoE is dropless, so each token's output is unchanged).
+* Expert parallelism: ``expert`` splits the rows like a data axis and the experts' E dim at rest. Training
+  (``zaya.train.step``) keeps each device's experts in place and sends tokens to them by all-to-all
+  (``zaya.model.moe_ep``), so each device multiplies only its own experts. ``sharded_logits_fn`` (inference, a
+  test path) gathers the experts over ``expert`` at entry like every other weight.
+* ``tensor`` stays ``AxisType.Auto`` inside: XLA's SPMD partitioner splits heads / kv / MLP columns and inserts
+  the all-reduces.
 * Inference here gathers the whole param tree over the batch axes once per call; training gathers one layer at a
   time inside the layer scan (ZeRO-3, ``zaya.train.step``: ``Impl.gather_layer``).
 
@@ -49,7 +49,7 @@ from zaya.model.transformer import Impl, apply
 Rules = Sequence[tuple]
 
 DEFAULT_RULES: tuple = (
-    ("batch", ("data", "fsdp")),  # activations, tokens, cache rows
+    ("batch", ("data", "fsdp", "expert")),  # activations, tokens, cache rows (expert: expert parallelism)
     ("embed", "fsdp"),            # hidden dim of every weight: weights sharded at rest over fsdp
     ("vocab", "tensor"),
     ("heads", "tensor"),          # query heads (q columns, o rows)
@@ -97,12 +97,22 @@ def _rule_table(rules: Rules | None) -> dict:
     return table
 
 
-def logical_to_spec(axes: Sequence, rules: Rules | None, mesh: Mesh, shape: Sequence[int] | None = None) -> P:
-    """PartitionSpec for a leaf with logical ``axes`` (and, if given, ``shape`` for the divisibility check).
+def batch_split(sizes: dict, rules: Rules | None) -> tuple[tuple, int]:
+    """(mesh axes, shard count) the ``batch`` rule splits rows over on a mesh of ``sizes`` (a dict of axis sizes; no
+    devices needed): its axes of size > 1. A training config's batch must divide by the count (checked)."""
+    spec = logical_to_spec(("batch",), rules, sizes)
+    axes = () if not len(spec) or spec[0] is None else ((spec[0],) if isinstance(spec[0], str) else tuple(spec[0]))
+    return axes, math.prod(sizes[a] for a in axes)
+
+
+def logical_to_spec(axes: Sequence, rules: Rules | None, mesh, shape: Sequence[int] | None = None) -> P:
+    """PartitionSpec for a leaf with logical ``axes`` (and, if given, ``shape`` for the divisibility check) on a
+    ``Mesh`` or a dict of mesh axis sizes.
 
     Per dim, the rule's mesh axes are kept in order if: the mesh has the axis, it has size > 1, no earlier dim of
     this spec used it, and (with ``shape``) the product of the kept sizes divides the dim.
     """
+    sizes = mesh if isinstance(mesh, dict) else mesh.shape
     table = _rule_table(rules)
     if shape is not None and len(shape) != len(axes):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
@@ -110,9 +120,9 @@ def logical_to_spec(axes: Sequence, rules: Rules | None, mesh: Mesh, shape: Sequ
     for i, name in enumerate(axes):
         kept, prod = [], 1
         for ax in (table.get(name, ()) if name is not None else ()):
-            if ax not in mesh.shape:
-                raise ValueError(f"rule for {name!r} names mesh axis {ax!r}; the mesh has {tuple(mesh.axis_names)}")
-            n = mesh.shape[ax]
+            if ax not in sizes:
+                raise ValueError(f"rule for {name!r} names mesh axis {ax!r}; the mesh has {tuple(sizes)}")
+            n = sizes[ax]
             if n == 1 or ax in used or (shape is not None and shape[i] % (prod * n)):
                 continue
             kept.append(ax)

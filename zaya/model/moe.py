@@ -10,6 +10,8 @@ Expert dispatch implementations, all dropless with identical math (forward and g
   pallas  the same tiles through a Pallas grouped-matmul kernel (GPU decode)     }
   auto    one of the above by backend and static token count (``moe_dispatch.auto_choice``): ``moe()``'s and
           zaya.Model's default (``transformer.INFERENCE``); ``Impl()``, hence training, keeps ``ragged``
+Expert parallelism (``moe(..., expert_axis="expert")``, set by zaya.train.step when the batch is split over the
+``expert`` mesh axis): tokens travel to the devices owning their experts by all-to-all (``zaya.model.moe_ep``).
 The skip class (e* == E) outputs 0 as in mainline transformers and vLLM; how often it wins is returned so callers
 can count it.
 """
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from zaya.config import ZayaConfig
-from zaya.model import moe_dispatch
+from zaya.model import moe_dispatch, moe_ep
 from zaya.model.layers import rms_norm
 from zaya.model.moe_dispatch import swiglu as _swiglu
 
@@ -108,10 +110,19 @@ def experts_auto(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
     return get_impl(auto_impl(B * T, c.num_experts))(p, c, m_BTD, choice_BT, gate_BT)
 
 
-def moe(p_router: dict, p_experts: dict, c: ZayaConfig, m_BTD, prev_r, impl: str = "auto"):
-    """Returns (output [B, T, D] fp32, router state for the next layer, stats)."""
-    fn = get_impl(impl)
+def moe(p_router: dict, p_experts: dict, c: ZayaConfig, m_BTD, prev_r, impl: str = "auto",
+        expert_axis: str | None = None, capacity_factor: float = 0.0):
+    """Returns (output [B, T, D] fp32, router state for the next layer, stats).
+
+    With ``expert_axis`` (inside a shard_map manual over it; ``p_experts`` holds this device's experts) the tokens
+    go to their experts' devices by all-to-all (``zaya.model.moe_ep``; ``impl`` other than ragged / auto runs the
+    local experts) and stats gain ``dropped`` (0 unless ``capacity_factor`` > 0)."""
     choice, gate, r, probs = router(p_router, c, m_BTD, prev_r)
-    y = fn(p_experts, c, m_BTD, choice, gate)
     stats = {"counts": jnp.bincount(choice.reshape(-1), length=c.num_experts + 1), "probs_mean": probs.mean((0, 1))}
+    if expert_axis is not None:
+        local = None if impl in ("ragged", "auto") else get_impl(impl)
+        y, stats["dropped"] = moe_ep.experts_ep(p_experts, c, m_BTD, choice, gate, expert_axis, capacity_factor,
+                                                local)
+    else:
+        y = get_impl(impl)(p_experts, c, m_BTD, choice, gate)
     return y, r, stats

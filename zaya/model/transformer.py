@@ -32,6 +32,10 @@ class Impl:
     # ZeRO-3 (set by zaya.train.step under shard_map): one layer's params -> the full weights of that layer,
     # called inside the layer scan so only one layer's gathered weights exist at a time (its VJP scatters grads)
     gather_layer: Callable | None = None
+    # expert parallelism (set by zaya.train.step under a shard_map manual over this mesh axis): the MoE sends tokens
+    # to the devices that own their experts (zaya.model.moe_ep); capacity_factor 0 = dropless
+    expert_axis: str | None = None
+    capacity_factor: float = 0.0
 
 
 # What zaya.Model (zaya.load, decoding, benchmarks) runs unless told otherwise: MoE "auto" (on GPUs the Pallas
@@ -49,7 +53,7 @@ def _layer(c: ZayaConfig, impl: Impl, layout: Layout, cache_len, h_BTD, prev_r, 
     o = linear(o.reshape(B, T, -1), p["o"])
     h = residual_scale(o, h_BTD, p["attn_res"])
     m = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
-    y, r, stats = moe(p["router"], p["experts"], c, m, prev_r, impl.moe)
+    y, r, stats = moe(p["router"], p["experts"], c, m, prev_r, impl.moe, impl.expert_axis, impl.capacity_factor)
     h = residual_scale(y, h, p["mlp_res"])
     return h, r, (k, v, xqk, vd), stats
 

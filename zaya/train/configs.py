@@ -62,8 +62,10 @@ def base() -> mlc.ConfigDict:
     c.optim = mlc.ConfigDict(dict(lr=3e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, decay_fraction=0.2,
                                   decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                                   decay_embeddings=False, router_balance_rate=1e-3))
-    c.impl = mlc.ConfigDict(dict(attention="auto", moe="ragged", remat=False,
-                                 fast_compile=False))  # fast_compile: XLA opt level 0 (CPU smoke runs, tests)
+    # fast_compile: XLA opt level 0 (CPU smoke runs, tests); capacity_factor: expert parallelism's slots per
+    # destination device (0: dropless; f > 0: ceil(f * tokens / expert), the rest dropped and logged as moe_dropped)
+    c.impl = mlc.ConfigDict(dict(attention="auto", moe="ragged", remat=False, fast_compile=False,
+                                 capacity_factor=0.0))
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0))  # -1: the remaining devices
     c.sharding_rules = ()             # (logical axis, mesh axes) pairs; () = zaya.sharding.DEFAULT_RULES
     c.checkpoint = mlc.ConfigDict(dict(every_steps=50, keep=3, use_async=True))
@@ -215,10 +217,13 @@ def validate(cfg):
                           "the WORKDIR/model of the previous run, or a `zaya convert` output)")
     nd = int(cfg.mesh.num_devices) or None
     sizes = mesh_sizes(cfg, nd)
-    shards = sizes["data"] * sizes["fsdp"]
+    from zaya.sharding import batch_split
+    axes, shards = batch_split(sizes, tuple(tuple(r) for r in cfg.sharding_rules) or None)
     if nd is not None and cfg.batch_size % (shards * cfg.grad_accum):
-        raise ConfigError(f"config.batch_size={cfg.batch_size} must divide by data*fsdp*grad_accum="
+        raise ConfigError(f"config.batch_size={cfg.batch_size} must divide by {'*'.join(axes) or '1'}*grad_accum="
                           f"{shards * cfg.grad_accum} (rows per batch shard per microbatch)")
+    if cfg.impl.capacity_factor < 0:
+        raise ConfigError(f"config.impl.capacity_factor={cfg.impl.capacity_factor} must be >= 0 (0: dropless)")
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:
         raise ConfigError("config.checkpoint.every_steps and .keep must be >= 1")
     from zaya.model.attention import IMPLS

@@ -49,11 +49,16 @@ def full_base(seq_len: int, rope_theta: float = 1e6, max_pos: int = 32768):
     c.tokenizer = FULL_TOKENIZER
     c.seq_len = seq_len
     c.batch_size = FULL_TOKENS_PER_STEP // seq_len   # 512 rows at 32k, 128 rows at 128k
-    shards = FULL_MESH["data"] * FULL_MESH["fsdp"]
+    from zaya.sharding import DEFAULT_RULES, batch_split
+    # rows over (data, fsdp, expert): expert-parallel MoE, one row per device. Fewer rows than devices (128 at 128k
+    # context) split over (data, fsdp) only: each expert group then shares its rows and XLA splits the experts.
+    sizes = {k: v for k, v in FULL_MESH.items() if k != "num_devices"}
+    c.sharding_rules = DEFAULT_RULES
+    if c.batch_size % batch_split(sizes, DEFAULT_RULES)[1]:
+        c.sharding_rules = (("batch", ("data", "fsdp")),) + tuple(r for r in DEFAULT_RULES if r[0] != "batch")
+    _, shards = batch_split(sizes, c.sharding_rules)
     c.grad_accum = max(1, c.batch_size // shards)    # one row per batch shard per microbatch (TiDAR doubles it)
     c.mesh.update(FULL_MESH)
-    from zaya.sharding import DEFAULT_RULES
-    c.sharding_rules = DEFAULT_RULES                 # batch over (data, fsdp), weights over fsdp, experts over expert
     c.impl.update(attention="chunked", moe="ragged", remat=True)
     # logits and CE over 4096-token chunks: the [tokens, 262k] fp32 logits (and their grads) never exist at once
     # (-95 GiB per device at 32k context, TiDAR, one row per device: experiments/results/multihost_cpu.md)

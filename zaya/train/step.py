@@ -19,7 +19,10 @@ batch). ZeRO-3 when weights are sharded over a batch axis (``fsdp``, the default
 layer's weights are all-gathered inside the layer scan (``Impl.gather_layer``; with remat the backward gathers
 again), the embedding and norms once per microbatch, and grads leave through the gather's VJP, a reduce-scatter in
 fp32, so params, grads and optimizer state stay sharded (``zero3_specs``). Otherwise params enter replicated and
-grads are ``pmean``-ed. Metrics are ``pmean``-ed; the optimizer update runs on the sharded state (``state_sh``).
+grads are ``pmean``-ed. Expert parallelism: when the rows are also split over ``expert`` (the default rules) and
+the experts' E dim is sharded over it, each device keeps its own experts (never gathered over ``expert``) and the
+MoE sends tokens to their experts' devices by all-to-all (``Impl.expert_axis``, ``zaya.model.moe_ep``); those
+weights' grads, summed over the expert group by the all-to-all's transpose, are averaged like reduce-scattered ones. Metrics are ``pmean``-ed; the optimizer update runs on the sharded state (``state_sh``).
 """
 from __future__ import annotations
 
@@ -124,9 +127,11 @@ def make_train_step(model_cfg: ZayaConfig, opts, optimizer: optax.GradientTransf
         names = set(batch_axis_names(dp))
         zero3 = zero3_specs(state_sh.params, names) if state_sh is not None else None
     if zero3 is not None:  # weights stay sharded inside the step: gathered per use, grads reduce-scattered
-        gather_layer = functools.partial(_gather_tree, specs=jax.tree.map(lambda sp: P(*sp[1:]), zero3["layers"],
+        ep = expert_axis(zero3)
+        gather = zero3 if ep is None else _without_expert_axis(zero3, ep)  # local experts are used in place
+        gather_layer = functools.partial(_gather_tree, specs=jax.tree.map(lambda sp: P(*sp[1:]), gather["layers"],
                                                                            is_leaf=lambda x: isinstance(x, P)))
-        impl = dataclasses.replace(impl, gather_layer=gather_layer)
+        impl = dataclasses.replace(impl, gather_layer=gather_layer, expert_axis=ep)
         base_loss = loss_fn
 
         def loss_fn(params, *a, **k):  # the non-layer weights (embedding, norms) gathered once per microbatch
@@ -164,6 +169,26 @@ def make_train_step(model_cfg: ZayaConfig, opts, optimizer: optax.GradientTransf
         return jax.jit(step, **kw)
     bsh = NamedSharding(mesh, P(dp))
     return jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, NamedSharding(mesh, P())), **kw)
+
+
+def expert_axis(specs: dict) -> str | None:
+    """The manual mesh axis the experts' E dim is sharded over (then the MoE runs expert-parallel: tokens go to
+    their experts' devices by all-to-all, ``zaya.model.moe_ep``), or None (every device uses all experts)."""
+    sp = specs["layers"]["experts"]["gate_up"]  # [L, E, D, 2F]
+    e = sp[1] if len(sp) > 1 else None
+    if e is not None and not isinstance(e, str):
+        from zaya.config import ConfigError
+        raise ConfigError(f"the experts are sharded over several batch axes {e}; expert parallelism runs over one "
+                          "mesh axis ('expert'): change the 'experts' sharding rule")
+    return e
+
+
+def _without_expert_axis(specs: dict, axis: str) -> dict:
+    """The ZeRO-3 gather specs with the experts' E dim left sharded over ``axis`` (each device keeps its own)."""
+    def strip(sp):
+        return P(*(None if i == 1 and e == axis else e for i, e in enumerate(sp)))
+    experts = jax.tree.map(strip, specs["layers"]["experts"], is_leaf=lambda x: isinstance(x, P))
+    return {**specs, "layers": {**specs["layers"], "experts": experts}}
 
 
 def zero3_specs(param_shardings, manual: set) -> dict | None:
