@@ -134,3 +134,28 @@ def test_tidar_loss_and_grad_chunked_equal_reference(monkeypatch):
     assert scale > 0
     for a, b in zip(jax.tree.leaves(g_ch), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * scale)
+
+
+def test_chunked_backward_keeps_no_per_tile_state():
+    """Without a cache, chunked's gradient recomputes each key tile from the saved log-sum-exp (FlashAttention's
+    backward): its compiled temporaries stay near one [T, tile] block per head, while differentiating the plain
+    online-softmax scan keeps a [T, d] carry per tile (n_tiles of them). Same gradients."""
+    B, T, H, K, d, tile = 1, 1024, 4, 2, 32, 64
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, d)), jnp.float32) for n in (H, K, K))
+    lay = causal(B, T)
+
+    def flash(q, k, v):
+        return attention.IMPLS["chunked"](q, k, v, lay, None, None, None, tile=tile).sum()
+
+    def scan(q, k, v):  # the online-softmax scan differentiated by autodiff (the cached path's code)
+        qq = attention._queries(q, K)
+        [(kk, vv, mask)] = attention._sources(k, v, lay, None, None, None)
+        return attention._finish(attention._scan_partial(qq, kk, vv, mask, tile), q.shape, v.dtype).sum()
+    grads = [jax.jit(jax.grad(f, (0, 1, 2))) for f in (flash, scan)]
+    for a, b in zip(*(g(q, k, v) for g in grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    temp = [g.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes for g in grads]
+    carry, block = B * H * T * d * 4, B * H * T * tile * 4  # fp32 [T, d] accumulators, [T, tile] scores
+    assert temp[1] > (T // tile) * carry, temp  # the scan's residuals: a carry per tile (16 MiB here)
+    assert temp[0] < 8 * block, temp  # a few score blocks (s, p, dp, ds) and O(T d) buffers: no per-tile state

@@ -2,7 +2,8 @@
 
   reference  dense mask from the layout, one softmax (tests; small T)
   chunked    flash-style online softmax over key tiles; the mask tile is computed from the layout ids, so memory
-             is O(T * tile) per row instead of O(T^2) (training at long context, long prefill)
+             is O(T * tile) per row instead of O(T^2) (training at long context, long prefill); without a cache its
+             backward is FlashAttention's (``_flash``: recomputes each tile's scores from the saved log-sum-exp)
   pallas     decode/verify: the cached prefix through the split-K Pallas kernel (``zaya.kernels.decode_attention``,
              Triton lowering: CUDA and ROCm; interpret mode on CPU), the T new tokens with their layout mask in XLA
              (dense, or chunked when T * T is large), merged by log-sum-exp (cascade). It needs a cache: a call
@@ -123,6 +124,10 @@ def _reference(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
 @register("chunked")
 def _chunked(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len, tile: int = 512):
     q = _queries(q_BTHd, k_BTKd.shape[2])
+    if cache_k is None:  # training / cache-less forward: flash-style backward (only O and the log-sum-exp kept)
+        o = _flash(q, k_BTKd, v_BTKd, layout, tile)
+        B, T, H, d = q_BTHd.shape
+        return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, H, d).astype(v_BTKd.dtype)
     state = None
     for k, v, mask in _sources(k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len):
         part = _scan_partial(q, k, v, mask, tile)
@@ -151,6 +156,75 @@ def _scan_partial(q, k, v, mask, tile):
             jnp.zeros((B, K, G, T, d), jnp.float32))
     part, _ = jax.lax.scan(step, init, jnp.arange(n_tiles))
     return part
+
+
+def _tiles(k, v, tile):
+    S = k.shape[1]
+    n = min(tile, S)
+    n_tiles = -(-S // n)
+    pad = ((0, 0), (0, n_tiles * n - S), (0, 0), (0, 0))
+    return jnp.pad(k, pad), jnp.pad(v, pad), n, n_tiles
+
+
+def _flash_fwd(q, k, v, layout, tile):
+    """Normalised output [B, K, G, T, d] fp32 and the log-sum-exp [B, K, G, T] of the online softmax over key
+    tiles (``_scan_partial``'s math; nothing per tile is kept: the backward recomputes it)."""
+    [(_, _, mask)] = _sources(k, v, layout, None, None, None)
+    S = k.shape[1]
+    kp, vp, n, n_tiles = _tiles(k, v, tile)
+
+    def step(carry, i):
+        kt, vt = (jax.lax.dynamic_slice_in_dim(x, i * n, n, 1) for x in (kp, vp))
+        return _merge(carry, _partial(q, kt, vt, _tile_mask(mask, i * n, n, S))), None
+    B, K, G, T, d = q.shape
+    init = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(n_tiles))
+    seen = l > 0  # rows with no visible key give 0
+    o = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, layout, tile):
+    return _flash_fwd(q, k, v, layout, tile)[0]
+
+
+def _flash_vjp_fwd(q, k, v, layout, tile):
+    o, lse = _flash_fwd(q, k, v, layout, tile)
+    return o, (q, k, v, layout, o, lse)
+
+
+def _flash_vjp_bwd(tile, res, do):
+    """FlashAttention's backward, tile by tile over keys: p = exp(s - lse) recomputed, dV = p^T dO,
+    dS = p (dO V^T - rowsum(dO o)), dQ += dS K, dK = dS^T Q; operands in q's dtype, fp32 accumulation. Memory:
+    one [T, tile] score block per head, never the [T, S] scores nor a per-tile carry."""
+    q, k, v, layout, o, lse = res
+    [(_, _, mask)] = _sources(k, v, layout, None, None, None)
+    dt, S = q.dtype, k.shape[1]
+    kp, vp, n, n_tiles = _tiles(k, v, tile)
+    do = do.astype(jnp.float32)
+    delta = jnp.sum(do * o, -1)
+    do_dt = do.astype(dt)
+
+    def step(dq, i):
+        kt, vt = (jax.lax.dynamic_slice_in_dim(x, i * n, n, 1).astype(dt) for x in (kp, vp))
+        m = _tile_mask(mask, i * n, n, S)[:, None, None]
+        s = jnp.einsum("bkgtd,bskd->bkgts", q, kt, preferred_element_type=jnp.float32)
+        p = jnp.where(m, jnp.exp(s - lse[..., None]), 0.0)
+        dv = jnp.einsum("bkgts,bkgtd->bskd", p.astype(dt), do_dt, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgtd,bskd->bkgts", do_dt, vt, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[..., None])).astype(dt)
+        dq = dq + jnp.einsum("bkgts,bskd->bkgtd", ds, kt, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkgts,bkgtd->bskd", ds, q, preferred_element_type=jnp.float32)
+        return dq, (dk, dv)
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), jnp.arange(n_tiles))
+    unt = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n_tiles * n, *x.shape[3:])[:, :S]
+    return dq.astype(q.dtype), unt(dk).astype(k.dtype), unt(dv).astype(v.dtype), None
+
+
+_flash.defvjp(_flash_vjp_fwd, _flash_vjp_bwd)
 
 
 @register("pallas")
