@@ -159,3 +159,11 @@ def test_chunked_backward_keeps_no_per_tile_state():
     carry, block = B * H * T * d * 4, B * H * T * tile * 4  # fp32 [T, d] accumulators, [T, tile] scores
     assert temp[1] > (T // tile) * carry, temp  # the scan's residuals: a carry per tile (16 MiB here)
     assert temp[0] < 8 * block, temp  # a few score blocks (s, p, dp, ds) and O(T d) buffers: no per-tile state
+
+    def layers(q, k, v):  # as in training: a scan over layers of a rematerialised body
+        def body(h, w):
+            return h + attention.IMPLS["chunked"](h * w, k, v, lay, None, None, None, tile=tile), None
+        return (jax.lax.scan(jax.checkpoint(body, prevent_cse=False), q, jnp.ones(3))[0] ** 2).sum()
+    hlo = jax.jit(jax.grad(layers, (0, 1, 2))).lower(q, k, v).compile().as_text()
+    # not every tile's mask computed ahead and kept ([n_tiles, B, K, G, T, tile] bools: 32 GiB at 32k TiDAR)
+    assert f"pred[{T // tile}," not in hlo

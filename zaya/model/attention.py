@@ -173,6 +173,9 @@ def _flash_fwd(q, k, v, layout, tile):
     S = k.shape[1]
     kp, vp, n, n_tiles = _tiles(k, v, tile)
 
+    # checkpointed step: under an outer remat (the layer scan), jax would otherwise compute every tile's mask (it
+    # depends on the layout only) ahead and keep them all, [n_tiles, B, K, G, T, tile] bools
+    @functools.partial(jax.checkpoint, prevent_cse=False)
     def step(carry, i):
         kt, vt = (jax.lax.dynamic_slice_in_dim(x, i * n, n, 1) for x in (kp, vp))
         return _merge(carry, _partial(q, kt, vt, _tile_mask(mask, i * n, n, S))), None
@@ -208,6 +211,7 @@ def _flash_vjp_bwd(tile, res, do):
     delta = jnp.sum(do * o, -1)
     do_dt = do.astype(dt)
 
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # as in _flash_fwd
     def step(dq, i):
         kt, vt = (jax.lax.dynamic_slice_in_dim(x, i * n, n, 1).astype(dt) for x in (kp, vp))
         m = _tile_mask(mask, i * n, n, S)[:, None, None]
