@@ -79,6 +79,10 @@ def test_invalid_values_fail_validation():
         _tiny("pretrain_ar", "tidar.masking=sometimes")
     with pytest.raises(ConfigError, match="config.model"):
         _tiny("pretrain_ar", "model.num_kv_heads=3")
+    with pytest.raises(ConfigError, match="remat_group=3 must be >= 1 and divide num_layers=2"):
+        _tiny("pretrain_ar", "impl.remat_group=3")
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        _tiny("pretrain_ar", "impl.capacity_factor=-1.0")
 
 
 def test_continuing_phases_require_init_from():

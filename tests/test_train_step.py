@@ -192,3 +192,34 @@ def test_batch_shard_refuses_scattered_rows(monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     with pytest.raises(ConfigError, match=r"process 0 holds batch shards \[0, 2\] of 4"):
         batch_shard(_FakeMesh(dict(data=4), [0, 1, 0, 1]), "data")
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_grouped_remat_equals_per_layer_remat(group):
+    """Two-level checkpointing (residual stream kept every ``group`` layers) changes memory, not math: same loss,
+    metrics (per-layer expert counts in layer order) and gradients as per-layer remat."""
+    from zaya.model.transformer import Impl
+    from zaya.tidar.objective import loss_fn
+    cfg = ZayaConfig(**{**TINY_MODEL, "num_layers": 4})
+    params = jax.jit(lambda k: init(cfg, k), **jit_options(True))(jax.random.key(1, impl="rbg"))
+    batch = jax.tree.map(jnp.asarray, _batch(B=2, S=16))
+
+    def vg(impl):
+        f = lambda p: loss_fn(p, cfg, batch, OPTS, jax.random.key(2, impl="rbg"), impl)
+        return jax.jit(jax.value_and_grad(f, has_aux=True), **jit_options(True))(params)
+    (l1, m1), g1 = vg(Impl(remat=True))
+    (l2, m2), g2 = vg(Impl(remat=True, remat_group=group))
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    assert m2["expert_counts"].shape == (4, cfg.num_experts + 1)
+    np.testing.assert_array_equal(m1["expert_counts"], m2["expert_counts"])
+    _close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_group_must_divide_the_layers():
+    from zaya.model.transformer import Impl, hidden
+    from zaya import layouts
+    cfg = ZayaConfig(**{**TINY_MODEL, "num_layers": 3})
+    params = jax.eval_shape(lambda: init(cfg, jax.random.key(0, impl="rbg")))
+    with pytest.raises(ValueError, match="remat_group=2 must divide num_layers=3"):
+        jax.eval_shape(lambda p: hidden(p, cfg, jnp.zeros((1, 8), jnp.int32), layouts.causal(1, 8),
+                                        impl=Impl(remat=True, remat_group=2)), params)

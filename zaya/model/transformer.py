@@ -9,6 +9,7 @@ the accepted ones, so block samplers keep exactly the accepted tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -29,6 +30,9 @@ class Impl:
     attention: str = "auto"  # zaya.model.attention.IMPLS; auto: the Pallas kernel for decode on GPU, else XLA
     moe: str = "ragged"  # zaya.model.moe.EXPERT_IMPLS; models for inference default to INFERENCE.moe ("auto")
     remat: bool = False
+    # with remat: layers per checkpointed group. > 1 keeps the residual stream at group boundaries only (L / g
+    # saved carries instead of L) for one more forward of each group in the backward (two-level checkpointing)
+    remat_group: int = 1
     # ZeRO-3 (set by zaya.train.step under shard_map): one layer's params -> the full weights of that layer,
     # called inside the layer scan so only one layer's gathered weights exist at a time (its VJP scatters grads)
     gather_layer: Callable | None = None
@@ -74,9 +78,23 @@ def hidden(params, c: ZayaConfig, tokens_BT, layout: Layout, cache: Cache | None
             p = impl.gather_layer(p)
         h, r, states, stats = _layer(c, impl, layout, cache_len, h, r, p, cache_l)
         return (h, r), (states, stats)
+    xs = (params["layers"], xs_cache)
+    g = impl.remat_group if impl.remat else 1
     if impl.remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    (h, _), (states, stats) = jax.lax.scan(body, (h, r0), (params["layers"], xs_cache))
+    if g > 1:
+        L = c.num_layers
+        if L % g:
+            raise ValueError(f"remat_group={g} must divide num_layers={L}")
+        inner = body
+
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def body(carry, xs_g):  # one group of g layers: only its input carry is kept for the backward
+            return jax.lax.scan(inner, carry, xs_g)
+        xs = jax.tree.map(lambda x: x.reshape(L // g, g, *x.shape[1:]), xs)
+    (h, _), (states, stats) = jax.lax.scan(body, (h, r0), xs)
+    if g > 1:
+        states, stats = jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), (states, stats))
     h = rms_norm(h, params["final_norm"], c.rms_norm_eps)
     return h, Chunk(*states), stats
 

@@ -64,7 +64,9 @@ def base() -> mlc.ConfigDict:
                                   decay_embeddings=False, router_balance_rate=1e-3))
     # fast_compile: XLA opt level 0 (CPU smoke runs, tests); capacity_factor: expert parallelism's slots per
     # destination device (0: dropless; f > 0: ceil(f * tokens / expert), the rest dropped and logged as moe_dropped)
-    c.impl = mlc.ConfigDict(dict(attention="auto", moe="ragged", remat=False, fast_compile=False,
+    # remat_group: with remat, layers per checkpointed group (g > 1: residual stream kept every g layers, one more
+    # forward per group in the backward)
+    c.impl = mlc.ConfigDict(dict(attention="auto", moe="ragged", remat=False, remat_group=1, fast_compile=False,
                                  capacity_factor=0.0))
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0))  # -1: the remaining devices
     c.sharding_rules = ()             # (logical axis, mesh axes) pairs; () = zaya.sharding.DEFAULT_RULES
@@ -222,6 +224,9 @@ def validate(cfg):
     if nd is not None and cfg.batch_size % (shards * cfg.grad_accum):
         raise ConfigError(f"config.batch_size={cfg.batch_size} must divide by {'*'.join(axes) or '1'}*grad_accum="
                           f"{shards * cfg.grad_accum} (rows per batch shard per microbatch)")
+    if cfg.impl.remat_group < 1 or mc.num_layers % cfg.impl.remat_group:
+        raise ConfigError(f"config.impl.remat_group={cfg.impl.remat_group} must be >= 1 and divide num_layers="
+                          f"{mc.num_layers}")
     if cfg.impl.capacity_factor < 0:
         raise ConfigError(f"config.impl.capacity_factor={cfg.impl.capacity_factor} must be >= 0 (0: dropless)")
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:

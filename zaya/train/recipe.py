@@ -59,7 +59,9 @@ def full_base(seq_len: int, rope_theta: float = 1e6, max_pos: int = 32768):
     _, shards = batch_split(sizes, c.sharding_rules)
     c.grad_accum = max(1, c.batch_size // shards)    # one row per batch shard per microbatch (TiDAR doubles it)
     c.mesh.update(FULL_MESH)
-    c.impl.update(attention="chunked", moe="ragged", remat=True)
+    # remat in groups of 2 layers: the fp32 residual stream kept at every other layer (-10 GiB per device at 32k
+    # TiDAR) for one more forward of each group (experiments/results/multihost_cpu.md)
+    c.impl.update(attention="chunked", moe="ragged", remat=True, remat_group=2)
     # logits and CE over 4096-token chunks: the [tokens, 262k] fp32 logits (and their grads) never exist at once
     # (-95 GiB per device at 32k context, TiDAR, one row per device: experiments/results/multihost_cpu.md)
     c.tidar.ce_chunk = 4096
