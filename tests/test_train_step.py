@@ -71,7 +71,8 @@ def test_sharded_step_matches_single_device(reference):
     s0, tx, sched, batch, ref, mref = reference
     mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
     sh = st.state_shardings(CFG, tx, mesh)
-    step = make_train_step(CFG, OPTS, tx, sched, mesh=mesh, state_sh=sh, batch_size=4, fast_compile=True)
+    step = make_train_step(CFG, OPTS, tx, sched, mesh=mesh, state_sh=sh, batch_size=4, fast_compile=True,
+                           donate=False)  # the shared reference state may alias the placed one
     placed = jax.device_put(s0, sh)
     assert placed.params["layers"]["q"].sharding.spec[1] == "fsdp"  # weights sharded at rest
     out, m = step(placed, put_batch(batch, mesh, ("data", "fsdp")))
@@ -115,22 +116,24 @@ def test_fsdp_gathers_one_layer_at_a_time(reference, dtype):
     assert any(f[0] == "reduce_scatter" for f in found), "grads should leave through reduce-scatter"
 
 
-def test_expert_parallel_step_matches_single_device(reference):
-    """data=2 x expert=2: rows split over both axes, each device keeps its 2 of the 4 experts and tokens travel by
-    all-to-all. The step equals one device's; the compiled program multiplies [2, D, 2F] expert weights only (never
-    the [4, D, 2F] stack) and never all-gathers them."""
+@pytest.mark.parametrize("other", ["data", "fsdp"])
+def test_expert_parallel_step_matches_single_device(reference, other):
+    """{data, fsdp}=2 x expert=2: rows split over both axes, each device keeps its 2 of the 4 experts and tokens
+    travel by all-to-all (with fsdp, the experts' D dim is also gathered per layer and its grads reduce-scattered).
+    The step equals one device's; the compiled program multiplies [2, D, 2F] expert weights only (never the
+    [4, D, 2F] stack)."""
     from zaya import sharding
     need_devices(4)
     s0, tx, sched, batch, ref, mref = reference
-    mesh = sharding.make_mesh(data=2, expert=2, devices=jax.devices()[:4])
+    mesh = sharding.make_mesh(**{other: 2}, expert=2, devices=jax.devices()[:4])
     sh = st.state_shardings(CFG, tx, mesh)
     assert sh.params["layers"]["experts"]["gate_up"].spec[1] == "expert"
     step = make_train_step(CFG, OPTS, tx, sched, mesh=mesh, state_sh=sh, batch_size=4, fast_compile=True,
                            donate=False)
-    placed, b = jax.device_put(s0, sh), put_batch(batch, mesh, ("data", "expert"))
+    placed, b = jax.device_put(s0, sh), put_batch(batch, mesh, (other, "expert"))
     out, m = step(placed, b)
     assert float(m["loss"]) == pytest.approx(float(mref["loss"]), rel=1e-5)
-    assert float(m["moe_dropped"]) == 0.0  # dropless
+    assert float(m["moe_drop_rate"]) == 0.0  # dropless
     _close(out.params, ref.params, rtol=1e-4, atol=2e-5)
     assert out.params["layers"]["experts"]["down"].sharding.spec[1] == "expert"
     hlo = step.lower(placed, b).compile().as_text()
@@ -139,6 +142,22 @@ def test_expert_parallel_step_matches_single_device(reference):
     local, full = f"[2,{D},{2 * F}]", f"[{E},{D},{2 * F}]"
     assert local in hlo and full not in hlo.replace(f"f32[{CFG.num_layers},{E},{D},{2 * F}]", ""), \
         "expert weights should enter the matmuls as this device's [E/2, D, 2F] only"
+
+
+def test_expert_parallel_capacity_factor_drops_and_logs(reference):
+    """A capacity factor below 1 drops routed tokens: the step logs the dropped fraction and still trains."""
+    from zaya import sharding
+    from zaya.model.transformer import Impl
+    need_devices(4)
+    s0, tx, sched, batch, _, mref = reference
+    mesh = sharding.make_mesh(data=2, expert=2, devices=jax.devices()[:4])
+    sh = st.state_shardings(CFG, tx, mesh)
+    step = make_train_step(CFG, OPTS, tx, sched, impl=Impl(capacity_factor=0.25), mesh=mesh, state_sh=sh,
+                           batch_size=4, fast_compile=True, donate=False)
+    out, m = step(jax.device_put(s0, sh), put_batch(batch, mesh, ("data", "expert")))
+    assert 0.0 < float(m["moe_drop_rate"]) < 1.0
+    assert np.isfinite(float(m["loss"])) and float(m["loss"]) != pytest.approx(float(mref["loss"]), rel=1e-6)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out.params))
 
 
 def test_bf16_compute_keeps_fp32_master_weights():

@@ -23,7 +23,7 @@ class Model:
     params: dict
     impl: Impl = INFERENCE
     tokenizer: str | None = None  # path of tokenizer.json, if the checkpoint has one
-    mesh: object = None           # a jax Mesh: logits run sharded (batch over data/fsdp, heads/experts inside)
+    mesh: object = None           # a jax Mesh: logits run sharded (batch over data/fsdp/expert, heads inside)
     rules: object = None          # logical-axis rules for the mesh (None: zaya.sharding.DEFAULT_RULES)
 
     def __post_init__(self):

@@ -17,7 +17,7 @@ rows and the cache with ``batch_sharding`` / ``cache_shardings`` and lets XLA pa
   state and checkpoints). Without this, XLA's propagation on the unannotated model code follows the fsdp-sharded
   hidden dim of the weights instead of the batch: every device then computed the whole batch (checked in the HLO:
   dots over all B*T tokens, full logits all-reduced), and the ragged MoE's global argsort gathered every token. Per
-  shard, the sort is local (the MoE is dropless, so each token's output is unchanged).
+  shard, the sort is local (the MoE is dropless without a capacity factor, so each token's output is unchanged).
 * Expert parallelism: ``expert`` splits the rows like a data axis and the experts' E dim at rest. Training
   (``zaya.train.step``) keeps each device's experts in place and sends tokens to them by all-to-all
   (``zaya.model.moe_ep``), so each device multiplies only its own experts. ``sharded_logits_fn`` (inference, a
@@ -145,7 +145,8 @@ def shard_params(params: dict, config: ZayaConfig, mesh: Mesh, rules: Rules | No
 
 
 def batch_sharding(mesh: Mesh, rules: Rules | None = None, batch: int | None = None, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [B, ...] array (tokens, logits): rows over the ``batch`` rule's axes (data, fsdp by default).
+    """Sharding of a [B, ...] array (tokens, logits): rows over the ``batch`` rule's axes (data, fsdp, expert by
+    default).
 
     With ``batch`` given, axes that do not divide it are dropped.
     """
@@ -161,7 +162,7 @@ def _batch_axes(mesh: Mesh, rules: Rules | None, batch: int | None):
 
 
 def _per_batch_shard(fn, mesh: Mesh, dp, in_specs, out_specs):
-    """``fn`` run on each batch shard (manual over the ``dp`` axes; tensor/expert stay compiler-partitioned)."""
+    """``fn`` run on each batch shard (manual over the ``dp`` axes; tensor stays compiler-partitioned)."""
     if dp is None:
         return fn
     names = {dp} if isinstance(dp, str) else set(dp)
@@ -205,7 +206,7 @@ _CACHE_AXES = {"k": ("layers", "batch", None, "kv", None), "v": ("layers", "batc
 def cache_shardings(mesh: Mesh, cache: Cache, rules: Rules | None = None) -> Cache:
     """A ``Cache`` of NamedShardings for ``cache`` (arrays or ``jax.eval_shape(init_cache, ...)`` structs).
 
-    Rows over the ``batch`` axes (data, fsdp), kv heads (and the delayed-value features) over ``kv``'s axis
+    Rows over the ``batch`` axes (data, fsdp, expert), kv heads (and the delayed-value features) over ``kv``'s axis
     (tensor) where they divide; slots, ring and the conv-state channels stay unsharded.
     """
     return Cache(**{n: NamedSharding(mesh, logical_to_spec(a, rules, mesh, getattr(cache, n).shape))

@@ -98,7 +98,17 @@ def analyse(cfg) -> dict:
             "backend": jax.default_backend(), "batch_size": B, "seq_len": S, "grad_accum": int(cfg.grad_accum),
             "rows_per_device_per_microbatch": B // int(cfg.grad_accum) // shards,
             "num_params": int(s.model_cfg.num_params()), "remat": bool(cfg.impl.remat), "moe": cfg.impl.moe,
-            "attention": cfg.impl.attention, "dtype": s.model_cfg.dtype}
+            "remat_group": int(cfg.impl.remat_group), "expert_parallel": _expert_parallel(s),
+            "capacity_factor": float(cfg.impl.capacity_factor), "attention": cfg.impl.attention,
+            "dtype": s.model_cfg.dtype}
+
+
+def _expert_parallel(s) -> bool:
+    """Whether the run's train step sends tokens to their experts' devices (``zaya.train.step.expert_axis``)."""
+    from zaya.train.step import batch_axis_names, expert_axis, zero3_specs
+    names = set(batch_axis_names(s.dp))
+    specs = zero3_specs(s.state_sh.params, names) if names else None
+    return specs is not None and expert_axis(specs) is not None
 
 
 def report(spec: str, res: dict) -> str:
@@ -109,8 +119,11 @@ def report(spec: str, res: dict) -> str:
             f"({res['backend']} compiler, {res['devices']} devices)\n\n"
             f"{res['num_params'] / 1e9:.2f}B params ({res['dtype']}, fp32 master weights and Adam), batch "
             f"{res['batch_size']} x {res['seq_len']}, grad_accum {res['grad_accum']} "
-            f"({res['rows_per_device_per_microbatch']} row(s) per device per microbatch), remat {res['remat']}, "
-            f"moe {res['moe']}, attention {res['attention']}; compiled in {res['compile_s']:.0f} s.\n\n"
+            f"({res['rows_per_device_per_microbatch']} row(s) per device per microbatch), remat {res['remat']} "
+            f"(groups of {res['remat_group']}), moe {res['moe']}"
+            + (f", expert-parallel ({'dropless' if not res['capacity_factor'] else 'capacity factor ' + str(res['capacity_factor'])})"
+               if res["expert_parallel"] else "")
+            + f", attention {res['attention']}; compiled in {res['compile_s']:.0f} s.\n\n"
             f"| bytes per device | MiB | GiB |\n|---|---|---|\n{rows}\n\npeak = argument + output - alias + temp (the "
             f"compiled program's buffer assignment; {res['backend']} compiler).")
 

@@ -11,7 +11,8 @@ Expert dispatch implementations, all dropless with identical math (forward and g
   auto    one of the above by backend and static token count (``moe_dispatch.auto_choice``): ``moe()``'s and
           zaya.Model's default (``transformer.INFERENCE``); ``Impl()``, hence training, keeps ``ragged``
 Expert parallelism (``moe(..., expert_axis="expert")``, set by zaya.train.step when the batch is split over the
-``expert`` mesh axis): tokens travel to the devices owning their experts by all-to-all (``zaya.model.moe_ep``).
+``expert`` mesh axis): tokens travel to the devices owning their experts by all-to-all (``zaya.model.moe_ep``);
+dropless too, unless a capacity factor is set (then tokens past it are dropped and counted).
 The skip class (e* == E) outputs 0 as in mainline transformers and vLLM; how often it wins is returned so callers
 can count it.
 """

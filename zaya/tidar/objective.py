@@ -251,7 +251,7 @@ def loss_fn(params, config, batch: dict, opts: TidarOptions = TidarOptions(), rn
     Metrics (all arrays, fixed structure for a given opts, so they average across microbatches):
       loss, ar_loss, ar_acc, n_tokens (valid clean tokens), n_ar_tokens, expert_counts [L, E+1] (all forwarded
       tokens, padding and masks included; class E = MoD skip), skip_rate [L]; under expert parallelism
-      moe_dropped (routed tokens past the capacity, all layers; 0 when dropless);
+      moe_drop_rate (routed tokens past the capacity / routed tokens, all layers; 0 when dropless);
       mode "tidar" also: diff_loss, diff_acc, diff_acc_per_pos [b] (accuracy per in-block position: the
       acceptance proxy), diff_count_per_pos [b], n_diff_tokens, mask_fraction (masked / valid clean tokens),
       first_slot_agree (block-first-slot argmax == AR argmax for the same target position, over blocks with a
@@ -274,8 +274,8 @@ def loss_fn(params, config, batch: dict, opts: TidarOptions = TidarOptions(), rn
              n_ar_tokens=w_ar.sum(), n_tokens=(bt["layout"].seg[:, :S] >= 0).sum().astype(jnp.float32),
              expert_counts=counts.astype(jnp.float32),
              skip_rate=counts[:, -1] / jnp.maximum(counts.sum(-1), 1))
-    if "dropped" in stats:  # expert parallelism with a capacity factor: routed tokens dropped, summed over layers
-        m["moe_dropped"] = stats["dropped"].sum().astype(jnp.float32)
+    if "dropped" in stats:  # expert parallelism with a capacity factor: fraction of routed tokens dropped
+        m["moe_drop_rate"] = stats["dropped"].sum() / jnp.maximum(counts[:, :-1].sum(), 1)
     if opts.mode == "ar":
         return ar_loss, dict(m, loss=ar_loss)
 

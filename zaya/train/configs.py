@@ -63,7 +63,8 @@ def base() -> mlc.ConfigDict:
                                   decay_shape="linear", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
                                   decay_embeddings=False, router_balance_rate=1e-3))
     # fast_compile: XLA opt level 0 (CPU smoke runs, tests); capacity_factor: expert parallelism's slots per
-    # destination device (0: dropless; f > 0: ceil(f * tokens / expert), the rest dropped and logged as moe_dropped)
+    # destination device (0: dropless; f > 0: ceil(f * tokens / expert), the rest dropped and logged as
+    # moe_drop_rate; evaluation and runs without expert parallelism are always dropless)
     # remat_group: with remat, layers per checkpointed group (g > 1: residual stream kept every g layers, one more
     # forward per group in the backward)
     c.impl = mlc.ConfigDict(dict(attention="auto", moe="ragged", remat=False, remat_group=1, fast_compile=False,
@@ -224,9 +225,15 @@ def validate(cfg):
     if nd is not None and cfg.batch_size % (shards * cfg.grad_accum):
         raise ConfigError(f"config.batch_size={cfg.batch_size} must divide by {'*'.join(axes) or '1'}*grad_accum="
                           f"{shards * cfg.grad_accum} (rows per batch shard per microbatch)")
+    if nd is not None and cfg.eval.num_batches and cfg.eval.batch_size % shards:
+        raise ConfigError(f"config.eval.batch_size={cfg.eval.batch_size} must divide by {'*'.join(axes)}={shards} "
+                          "(the batch shards evaluation rows are split over)")
     if cfg.impl.remat_group < 1 or mc.num_layers % cfg.impl.remat_group:
         raise ConfigError(f"config.impl.remat_group={cfg.impl.remat_group} must be >= 1 and divide num_layers="
                           f"{mc.num_layers}")
+    if cfg.impl.remat_group > 1 and not cfg.impl.remat:
+        raise ConfigError(f"config.impl.remat_group={cfg.impl.remat_group} groups rematerialised layers: set "
+                          "config.impl.remat=true too (or remat_group=1)")
     if cfg.impl.capacity_factor < 0:
         raise ConfigError(f"config.impl.capacity_factor={cfg.impl.capacity_factor} must be >= 0 (0: dropless)")
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:

@@ -13,7 +13,7 @@ microbatch. With equal-sized microbatches this is one step on the concatenated b
 MoE balancing: after the update, the router's balancing biases move towards equal expert load
 (``balance_router_bias``, aux-loss-free, rate ``optim.router_balance_rate``) from the step's expert counts.
 
-Sharding: with a mesh whose batch axes (``data``, ``fsdp``) have size > 1 the grad computation runs under
+Sharding: with a mesh whose batch axes (``data``, ``fsdp``, ``expert``) have size > 1 the grad computation runs under
 ``jax.shard_map`` per batch shard (XLA's propagation would otherwise follow the fsdp weight sharding instead of the
 batch). ZeRO-3 when weights are sharded over a batch axis (``fsdp``, the default rules): they enter as shards, each
 layer's weights are all-gathered inside the layer scan (``Impl.gather_layer``; with remat the backward gathers
@@ -22,7 +22,8 @@ fp32, so params, grads and optimizer state stay sharded (``zero3_specs``). Other
 grads are ``pmean``-ed. Expert parallelism: when the rows are also split over ``expert`` (the default rules) and
 the experts' E dim is sharded over it, each device keeps its own experts (never gathered over ``expert``) and the
 MoE sends tokens to their experts' devices by all-to-all (``Impl.expert_axis``, ``zaya.model.moe_ep``); those
-weights' grads, summed over the expert group by the all-to-all's transpose, are averaged like reduce-scattered ones. Metrics are ``pmean``-ed; the optimizer update runs on the sharded state (``state_sh``).
+weights' grads, summed over the expert group by the all-to-all's transpose, are averaged like reduce-scattered ones.
+Metrics are ``pmean``-ed; the optimizer update runs on the sharded state (``state_sh``).
 """
 from __future__ import annotations
 
