@@ -222,6 +222,39 @@ def test_tasks_deterministic_and_scored():
     assert {t["answer"] for t in a if t["kind"] == "brackets"} == {"yes", "no"}
 
 
+def test_long_tasks_have_long_checked_answers():
+    """The long-answer kinds (issue 11): answers of LONG_MIN..LONG_MAX characters, each recomputed here from the
+    prompt alone; deterministic; held out like the short kinds."""
+    a = tasks.generate(400, seed=3, kinds=tasks.LONG_KINDS)
+    assert a == tasks.generate(400, seed=3, kinds=tasks.LONG_KINDS)
+    assert {t["kind"] for t in a} == set(tasks.LONG_KINDS)
+    for t in a:
+        p, ans = t["prompt"], t["answer"]
+        assert p.endswith("=") and p.isascii() and tasks.LONG_MIN <= len(ans) <= tasks.LONG_MAX, t
+        body = p[:-1].split(":", 1)[-1]
+        k = t["kind"]
+        if k == "add_chain":
+            terms, steps = [int(x) for x in body.split("+")], ans.split(";")
+            assert len(steps) == len(terms) - 1 and 5 <= len(terms) <= 10
+            running = terms[0]
+            for x, step in zip(terms[1:], steps):
+                assert step == f"{running}+{x}={running + x}"
+                running += x
+            assert steps[-1].endswith(f"={sum(terms)}")
+        elif k == "brackets_close":
+            assert set(ans) <= set(")]") and len(ans) >= tasks.LONG_MIN
+            assert tasks.is_balanced(body + ans) and not tasks.is_balanced(body + ans[:-1])
+        else:
+            expect = {"copy_long": body, "reverse_long": body[::-1], "sort_long": "".join(sorted(body))}[k]
+            assert ans == expect
+        assert tasks.score(t, ans + "\n") and not tasks.score(t, ans[:-1] + "\n")
+    val = tasks.generate(50, seed=0, kinds=tasks.LONG_KINDS, split="val", val_fraction=0.2)
+    train = tasks.generate(300, seed=0, kinds=tasks.LONG_KINDS, split="train", val_fraction=0.2)
+    assert not {t["prompt"] for t in val} & {t["prompt"] for t in train}
+    mixed = tasks.generate(200, seed=0, kinds=("add", "copy_long"))
+    assert {t["kind"] for t in mixed} == {"add", "copy_long"}
+
+
 def test_task_splits_disjoint():
     val = tasks.generate(200, seed=0, split="val", val_fraction=0.1)
     train = tasks.generate(2000, seed=5, split="train", val_fraction=0.1)

@@ -14,7 +14,13 @@ import random
 from zaya.data.sources import DataError, Document, heldout
 
 TERMINATOR = "\n"
-KINDS = ("add", "mul", "copy", "sort", "brackets", "reverse")
+KINDS = ("add", "mul", "copy", "sort", "brackets", "reverse")  # short answers (1-8 tokens with bytes)
+# long answers, LONG_MIN..LONG_MAX characters (one byte token each): where block decoding can commit many tokens
+# per step. copy/reverse/sort of long strings, multi-step addition written out step by step ("12+35=47;47+9=56;...")
+# and closing an open bracket sequence ("close:([[(" -> ")]])")
+LONG_KINDS = ("copy_long", "reverse_long", "sort_long", "add_chain", "brackets_close")
+ALL_KINDS = KINDS + LONG_KINDS
+LONG_MIN, LONG_MAX = 20, 120
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _BRACKETS = ("()", "[]")
 
@@ -72,8 +78,41 @@ def _make(kind: str, rng, max_operand: int, max_len: int) -> dict:
             i = rng.randrange(len(s))
             s = s[:i] + rng.choice("()[]") + s[i + 1:]
         prompt, answer = f"brackets:{s}=", "yes" if is_balanced(s) else "no"
+    elif kind in LONG_KINDS:
+        return _make_long(kind, rng)
     else:
-        raise DataError(f"unknown task kind {kind!r}; choose from {KINDS}")
+        raise DataError(f"unknown task kind {kind!r}; choose from {ALL_KINDS}")
+    return {"kind": kind, "prompt": prompt, "answer": answer}
+
+
+def _make_long(kind: str, rng) -> dict:
+    """A task whose answer has LONG_MIN..LONG_MAX characters."""
+    n = rng.randint(LONG_MIN, LONG_MAX - 20)
+    if kind in ("copy_long", "reverse_long"):
+        w = _word(rng, n, n)
+        prompt, answer = f"{kind.split('_')[0]}:{w}=", (w if kind == "copy_long" else w[::-1])
+    elif kind == "sort_long":
+        w = _word(rng, n, n, "0123456789" if rng.random() < 0.5 else _LETTERS)
+        prompt, answer = f"sort:{w}=", "".join(sorted(w))
+    elif kind == "add_chain":  # 5-10 two-digit terms; each step "s+x=s'" (at most 11 chars), ';'-separated
+        xs = [rng.randint(0, 99) for _ in range(rng.randint(5, 10))]
+        steps, s = [], xs[0]
+        for x in xs[1:]:
+            steps.append(f"{s}+{x}={s + x}")
+            s += x
+        prompt, answer = "+".join(map(str, xs)) + "=", ";".join(steps)
+    elif kind == "brackets_close":  # an open prefix with n unclosed brackets (and some closed pairs inside)
+        out, stack = [], []
+        while len(stack) < n:
+            if stack and rng.random() < 0.25:
+                out.append(stack.pop())
+            else:
+                o, c = rng.choice(_BRACKETS)
+                out.append(o)
+                stack.append(c)
+        prompt, answer = f"close:{''.join(out)}=", "".join(reversed(stack))
+    else:
+        raise DataError(f"unknown long task kind {kind!r}; choose from {LONG_KINDS}")
     return {"kind": kind, "prompt": prompt, "answer": answer}
 
 
@@ -83,12 +122,12 @@ def generate(n: int, seed: int = 0, kinds=KINDS, *, split: str | None = None, va
 
     ``split``: None keeps every example; 'train'/'val' keep only examples in that side of the hash split for
     ``val_fraction`` (drawing more until ``n`` are found). ``max_operand`` bounds a, b of ``add`` (``mul`` uses
-    at most 12); ``max_len`` bounds string lengths.
+    at most 12); ``max_len`` bounds the short kinds' string lengths (``LONG_KINDS`` have their own).
     """
     kinds = tuple(kinds)
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in ALL_KINDS]
     if bad or not kinds:
-        raise DataError(f"task kinds {bad or kinds!r} not known; choose from {KINDS}")
+        raise DataError(f"task kinds {bad or kinds!r} not known; choose from {ALL_KINDS}")
     if split not in (None, "train", "val"):
         raise DataError(f"split={split!r}; use None, 'train' or 'val'")
     if split == "val" and val_fraction <= 0:
