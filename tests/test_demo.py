@@ -1,6 +1,8 @@
 """zaya demo: the phase configs and the summary table (the full run is CI's main job, `zaya demo`)."""
 import os
 
+import pytest
+
 from zaya import demo
 
 EXP = os.path.join(os.path.dirname(__file__), "..", "experiments")
@@ -64,3 +66,15 @@ def test_demo_fails_when_a_greedy_block_row_differs_from_ar():
     demo.check([ok, dict(ok, loop="device")])
     with pytest.raises(SystemExit, match=r"TF K=15 mask-anchor \(batch 8, device loop\)"):
         demo.check([ok, dict(config="TF K=15 mask-anchor", batch=8, loop="device", equal_ar=False)])
+
+
+def test_summary_json_record_has_the_decode_rows_and_the_control_comparison():
+    ev = {"model": {"ar_loss": 1.04}, "base": {"ar_loss": 1.1}, "control": {"ar_loss": 1.0}}
+    rows = [{"sampler": "single_forward", "config": "SF K=15", "batch": 1, "loop": "device",
+             "tokens_per_forward": 2.8, "equal_ar": True, "speedup": 1.2}]
+    r = demo.record({"steps": 1}, {"steps": 2}, {"steps": 3}, ev, rows)
+    assert r["convert"]["ar_loss_vs_control"] == pytest.approx(0.04) and r["convert"]["steps"] == 2
+    assert r["decode"] == [{"sampler": "single_forward", "config": "SF K=15", "batch": 1, "loop": "device",
+                            "task_set": "short", "tokens_per_forward": 2.8, "same_as_ar": True}]
+    assert r["samplers"] == rows and r["eval"] is ev
+    assert demo.record({}, {}, {}, {"model": {"ar_loss": 1.0}}, [])["convert"]["ar_loss_vs_control"] is None

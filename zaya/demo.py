@@ -93,9 +93,23 @@ def main(args):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"pretrain": sa, "convert": sb, "sft": sc, "eval": ev, "samplers": rows}, f, indent=2, default=str)
+        json.dump(record(sa, sb, sc, ev, rows), f, indent=2, default=str)
     check(rows)
     return {"eval": ev, "samplers": rows}
+
+
+def record(sa, sb, sc, ev, rows, task_set: str = "short") -> dict:
+    """summary.json: every phase's summary, the evaluations and the sampler rows as measured, plus the figures a
+    sweep compares: ``decode`` (one entry per decode row: sampler, batch, loop, task_set, tokens_per_forward per
+    active row, same_as_ar) and ``convert.ar_loss_vs_control`` (the converted model's AR validation loss relative to
+    the equal-compute AR control, a fraction: +0.038 is 3.8% worse)."""
+    m, ctl = ev.get("model", {}), ev.get("control", {})
+    vs_ctl = (m["ar_loss"] - ctl["ar_loss"]) / ctl["ar_loss"] if "ar_loss" in m and ctl.get("ar_loss") else None
+    decode = [{"sampler": r.get("sampler"), "config": r.get("config"), "batch": r.get("batch"),
+               "loop": r.get("loop", "host"), "task_set": task_set, "tokens_per_forward": r.get("tokens_per_forward"),
+               "same_as_ar": r.get("equal_ar")} for r in rows]
+    return {"pretrain": sa, "convert": dict(sb, ar_loss_vs_control=vs_ctl), "sft": sc, "eval": ev, "samplers": rows,
+            "decode": decode}
 
 
 def check(rows) -> None:
