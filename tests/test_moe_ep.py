@@ -130,3 +130,51 @@ def test_uneven_expert_split_is_refused():
     p = jax.tree.map(lambda x: jnp.concatenate([x, x[:2]]), p)  # 8 rows: 2 per device, but the config says 6
     with pytest.raises(ValueError, match="split evenly"):
         _ep(mesh, c)(p, m, choice, gate)
+
+
+def _ep_ragged(mesh, c):
+    rows = ("data", "expert")
+
+    def f(p, m, choice, gate):
+        return moe_ep.experts_ep_ragged(p, c, m, choice, gate, "expert")[0]
+    return jax.shard_map(f, mesh=mesh, in_specs=(P("expert"), P(rows), P(rows), P(rows)), out_specs=P(rows),
+                         check_vma=False)
+
+
+def test_ragged_transport_equals_dense():
+    """Routed rows only (lax.ragged_all_to_all on GPU; its emulation here): same outputs and grads as the dense
+    MoE, so the sizes and offsets of both trips are right."""
+    need_devices(8)
+    mesh = sharding.make_mesh(data=2, expert=4, devices=jax.devices()[:8])
+    p, m, choice, gate = _inputs(C8, B=8)
+    ep = jax.jit(_ep_ragged(mesh, C8))
+    dense = lambda p, m: moe.experts_dense(p, C8, m, choice, gate)
+    np.testing.assert_allclose(ep(p, m, choice, gate), dense(p, m), rtol=1e-5, atol=1e-5)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(m.shape), jnp.float32)
+    g_ep = jax.grad(lambda p, m: (ep(p, m, choice, gate) * w).sum(), argnums=(0, 1))(p, m)
+    g_ref = jax.grad(lambda p, m: (dense(p, m) * w).sum(), argnums=(0, 1))(p, m)
+    for a, b in zip(jax.tree.leaves(g_ep), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_ragged_all_to_all_emulation_follows_the_ops_semantics():
+    """Against a numpy reading of lax.ragged_all_to_all's docs: sender i's slice operand_i[in_off[j] : +size[j]]
+    is written on device j at output_j[out_off_i[j] : ...]; the rest of output_j is kept."""
+    need_devices(2)
+    mesh = sharding.make_mesh(expert=2, devices=jax.devices()[:2])
+    operand = np.arange(2 * 5, dtype=np.float32).reshape(2, 5) + 1  # device i's 5 rows
+    in_off = np.array([[0, 2], [0, 1]], np.int32)
+    size = np.array([[2, 3], [1, 3]], np.int32)  # device 0 sends 2 rows to itself, 3 to device 1; ...
+    out_off = np.array([[0, 0], [2, 3]], np.int32)  # ... landing at these offsets of the receivers' outputs
+    recv = size.T.copy()
+    want = np.full((2, 6), -1.0, np.float32)
+    for i in range(2):
+        for j in range(2):
+            want[j, out_off[i, j]:out_off[i, j] + size[i, j]] = operand[i, in_off[i, j]:in_off[i, j] + size[i, j]]
+
+    def f(x, out, a, b, c_, d):
+        return moe_ep.ragged_all_to_all_emulated(x[0], out[0], a[0], b[0], c_[0], d[0], axis_name="expert")[None]
+    got = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("expert"),) * 6, out_specs=P("expert"),
+                                check_vma=False))(operand, np.full((2, 6), -1.0, np.float32), in_off, size, out_off,
+                                                  recv)
+    np.testing.assert_array_equal(np.asarray(got), want)

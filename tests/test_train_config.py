@@ -83,6 +83,10 @@ def test_invalid_values_fail_validation():
         _tiny("pretrain_ar", "impl.remat_group=3")
     with pytest.raises(ConfigError, match="capacity_factor"):
         _tiny("pretrain_ar", "impl.capacity_factor=-1.0")
+    with pytest.raises(ConfigError, match="ep_transport='ragged' moves every routed token"):
+        _tiny("pretrain_ar", "impl.ep_transport=ragged", "impl.capacity_factor=1.25")
+    with pytest.raises(ConfigError, match="ep_transport='carrier_pigeon'"):
+        _tiny("pretrain_ar", "impl.ep_transport=carrier_pigeon")
     with pytest.raises(ConfigError, match="set config.impl.remat=true"):
         _tiny("pretrain_ar", "impl.remat_group=2")
     with pytest.raises(ConfigError, match=r"eval.batch_size=2 must divide by data\*expert=4"):

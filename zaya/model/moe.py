@@ -112,7 +112,7 @@ def experts_auto(p: dict, c: ZayaConfig, m_BTD, choice_BT, gate_BT):
 
 
 def moe(p_router: dict, p_experts: dict, c: ZayaConfig, m_BTD, prev_r, impl: str = "auto",
-        expert_axis: str | None = None, capacity_factor: float = 0.0):
+        expert_axis: str | None = None, capacity_factor: float = 0.0, ep_transport: str = "all_to_all"):
     """Returns (output [B, T, D] fp32, router state for the next layer, stats).
 
     With ``expert_axis`` (inside a shard_map manual over it; ``p_experts`` holds this device's experts) the tokens
@@ -122,8 +122,15 @@ def moe(p_router: dict, p_experts: dict, c: ZayaConfig, m_BTD, prev_r, impl: str
     stats = {"counts": jnp.bincount(choice.reshape(-1), length=c.num_experts + 1), "probs_mean": probs.mean((0, 1))}
     if expert_axis is not None:
         local = None if impl in ("ragged", "auto") else get_impl(impl)
-        y, stats["dropped"] = moe_ep.experts_ep(p_experts, c, m_BTD, choice, gate, expert_axis, capacity_factor,
-                                                local)
+        if ep_transport == "ragged":
+            if capacity_factor > 0:
+                raise ValueError("ep_transport='ragged' is dropless: leave capacity_factor at 0")
+            y, stats["dropped"] = moe_ep.experts_ep_ragged(p_experts, c, m_BTD, choice, gate, expert_axis, local)
+        elif ep_transport == "all_to_all":
+            y, stats["dropped"] = moe_ep.experts_ep(p_experts, c, m_BTD, choice, gate, expert_axis,
+                                                    capacity_factor, local)
+        else:
+            raise ValueError(f"ep_transport={ep_transport!r}; use 'all_to_all' or 'ragged'")
     else:
         y = get_impl(impl)(p_experts, c, m_BTD, choice, gate)
     return y, r, stats

@@ -24,12 +24,17 @@ Gradients: an all_to_all's transpose is the reverse all_to_all, so a device's ex
 contributions of every token routed to its experts from all n devices (``zaya.train.step`` then treats it like a
 reduce-scattered gradient: divided by n, averaged over the other batch axes).
 
+Transport ``ragged`` (dropless only): tokens sorted by destination device and moved with
+``lax.ragged_all_to_all``, which sends only the routed rows instead of n C slots (GPU / TPU; the receive buffer is
+still n A rows, the worst case). XLA:CPU does not implement it, so on CPU the same call goes through
+``ragged_all_to_all_emulated`` (the op's documented semantics built from ``all_to_all``): the offsets and sizes
+logic is tested on CPU, the op itself needs a GPU.
+
 Shape letters (``zaya.conventions``): A = B*T local tokens, Z = n C slots of the send / receive buffers.
-GPU note: ``lax.ragged_all_to_all`` would move only the routed rows instead of n C slots; XLA:CPU does not
-implement it, so this fixed-capacity path is the one tested here (and runs everywhere).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -69,6 +74,63 @@ def local_experts(w_up, w_down, F: int, x_ZD, e_Z):
     y = jax.lax.ragged_dot(swiglu(h, F), w_down, sizes, preferred_element_type=jnp.float32)
     y = jnp.where((e_Z[order] < E_l)[:, None], y, 0.0)
     return jnp.zeros_like(y).at[order].set(y)
+
+
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name):
+    """``lax.ragged_all_to_all``'s semantics from a fixed-size ``all_to_all`` (any backend; differentiable): the
+    slice ``operand[input_offsets[j] : + send_sizes[j]]`` lands on device j at ``output[output_offsets[j] : ...]``.
+    Each slice travels in a block of ``operand.shape[0]`` rows, so it moves n times the data: tests and CPU only."""
+    del recv_sizes  # implied by the senders' send_sizes
+    n, R = jax.lax.axis_size(axis_name), operand.shape[0]
+    rows = jnp.arange(R)
+    idx = input_offsets[:, None] + rows[None, :]  # [n, R]: the slice for each destination, padded
+    blocks = jnp.take(operand, jnp.minimum(idx, R - 1), axis=0)
+    got = jax.lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)  # block s: what device s sent here
+    size = jax.lax.all_to_all(send_sizes, axis_name, 0, 0, tiled=True)
+    at = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    dst = jnp.where(rows[None, :] < size[:, None], at[:, None] + rows[None, :], output.shape[0])  # out of range: drop
+    return output.at[dst.reshape(-1)].set(got.reshape(n * R, *operand.shape[1:]), mode="drop")
+
+
+def _ragged_transport():
+    from zaya.kernels.platform import backend
+    return jax.lax.ragged_all_to_all if backend() in ("cuda", "rocm") else ragged_all_to_all_emulated
+
+
+def _exclusive_cumsum(x, axis=0):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def experts_ep_ragged(p: dict, c, m_BTD, choice_BT, gate_BT, axis: str = "expert", local_impl=None):
+    """``experts_ep`` moving only the routed rows (``lax.ragged_all_to_all``; dropless). Returns (y_BTD, 0)."""
+    B, T, D = m_BTD.shape
+    A, E = B * T, c.num_experts
+    n, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+    w_up, w_down = p["gate_up"], p["down"]
+    E_l = w_up.shape[0]
+    x_AD, e_A, g_A = routed_tokens(m_BTD, choice_BT, gate_BT, E, w_up.dtype)
+    dest_A = jnp.where(e_A < E, e_A // E_l, n)  # skip tokens sort last and are not sent
+    order = jnp.argsort(dest_A, stable=True)
+    send = jnp.bincount(dest_A, length=n).astype(jnp.int32)  # [n] rows to each device
+    M = jax.lax.all_gather(send, axis)  # [n_src, n_dst]: every device's send sizes
+    in_off = _exclusive_cumsum(send)
+    out_off = _exclusive_cumsum(M, axis=0)[me]  # where my rows land in each receiver's buffer
+    recv = M[:, me]
+    a2a = functools.partial(_ragged_transport(), axis_name=axis)
+    R = n * A  # worst case: every device sends all its tokens here
+    x_sorted, e_sorted = x_AD[order], (e_A % E_l)[order].astype(jnp.int32)
+    recv_x = a2a(x_sorted, jnp.zeros((R, D), x_AD.dtype), in_off, send, out_off, recv)
+    recv_e = a2a(e_sorted, jnp.full((R,), E_l, jnp.int32), in_off, send, out_off, recv)
+    if local_impl is None:
+        y = local_experts(w_up, w_down, c.moe_intermediate_size, recv_x, recv_e)
+    else:
+        y = local_impl(p, c.replace(num_experts=E_l), recv_x[None], recv_e[None], jnp.ones((1, R), jnp.float32))[0]
+    # back: the rows device s sent sit at [sum_{t<s} M[t, me], ...) here, and return to s's input offset for me
+    back = a2a(y, jnp.zeros((A, D), jnp.float32), _exclusive_cumsum(recv), recv,
+               _exclusive_cumsum(M, axis=1)[:, me], send)
+    y_AD = jnp.zeros((A, D), jnp.float32).at[order].set(back) * g_A[:, None]
+    return y_AD.reshape(B, T, D), jnp.zeros((), jnp.int32)
 
 
 def experts_ep(p: dict, c, m_BTD, choice_BT, gate_BT, axis: str = "expert", capacity_factor: float = 0.0,

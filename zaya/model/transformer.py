@@ -40,6 +40,7 @@ class Impl:
     # to the devices that own their experts (zaya.model.moe_ep); capacity_factor 0 = dropless
     expert_axis: str | None = None
     capacity_factor: float = 0.0
+    ep_transport: str = "all_to_all"  # or "ragged": lax.ragged_all_to_all, routed rows only (dropless; GPU)
 
 
 # What zaya.Model (zaya.load, decoding, benchmarks) runs unless told otherwise: MoE "auto" (on GPUs the Pallas
@@ -57,7 +58,8 @@ def _layer(c: ZayaConfig, impl: Impl, layout: Layout, cache_len, h_BTD, prev_r, 
     o = linear(o.reshape(B, T, -1), p["o"])
     h = residual_scale(o, h_BTD, p["attn_res"])
     m = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
-    y, r, stats = moe(p["router"], p["experts"], c, m, prev_r, impl.moe, impl.expert_axis, impl.capacity_factor)
+    y, r, stats = moe(p["router"], p["experts"], c, m, prev_r, impl.moe, impl.expert_axis, impl.capacity_factor,
+                      impl.ep_transport)
     h = residual_scale(y, h, p["mlp_res"])
     return h, r, (k, v, xqk, vd), stats
 

@@ -67,8 +67,10 @@ def base() -> mlc.ConfigDict:
     # moe_drop_rate; evaluation and runs without expert parallelism are always dropless)
     # remat_group: with remat, layers per checkpointed group (g > 1: residual stream kept every g layers, one more
     # forward per group in the backward)
+    # ep_transport: expert parallelism's token exchange, "all_to_all" (fixed capacity, any backend) or "ragged"
+    # (lax.ragged_all_to_all: routed rows only, dropless; GPU/TPU, emulated on CPU)
     c.impl = mlc.ConfigDict(dict(attention="auto", moe="ragged", remat=False, remat_group=1, fast_compile=False,
-                                 capacity_factor=0.0))
+                                 capacity_factor=0.0, ep_transport="all_to_all"))
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, num_devices=0))  # -1: the remaining devices
     c.sharding_rules = ()             # (logical axis, mesh axes) pairs; () = zaya.sharding.DEFAULT_RULES
     c.checkpoint = mlc.ConfigDict(dict(every_steps=50, keep=3, use_async=True))
@@ -234,6 +236,11 @@ def validate(cfg):
     if cfg.impl.remat_group > 1 and not cfg.impl.remat:
         raise ConfigError(f"config.impl.remat_group={cfg.impl.remat_group} groups rematerialised layers: set "
                           "config.impl.remat=true too (or remat_group=1)")
+    if cfg.impl.ep_transport not in ("all_to_all", "ragged"):
+        raise ConfigError(f"config.impl.ep_transport={cfg.impl.ep_transport!r}; use 'all_to_all' or 'ragged'")
+    if cfg.impl.ep_transport == "ragged" and cfg.impl.capacity_factor:
+        raise ConfigError("config.impl.ep_transport='ragged' moves every routed token (dropless): set "
+                          "config.impl.capacity_factor=0")
     if cfg.impl.capacity_factor < 0:
         raise ConfigError(f"config.impl.capacity_factor={cfg.impl.capacity_factor} must be >= 0 (0: dropless)")
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep < 1:

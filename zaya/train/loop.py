@@ -124,7 +124,8 @@ def step_setup(cfg, loss_fn=None) -> StepSetup:
     optimizer, schedule = make_optimizer(cfg.optim, cfg.num_steps, abstract)
     state_sh = st.state_shardings(model_cfg, optimizer, mesh, rules)
     impl = Impl(attention=cfg.impl.attention, moe=cfg.impl.moe, remat=bool(cfg.impl.remat),
-                remat_group=int(cfg.impl.remat_group), capacity_factor=float(cfg.impl.capacity_factor))
+                remat_group=int(cfg.impl.remat_group), capacity_factor=float(cfg.impl.capacity_factor),
+                ep_transport=str(cfg.impl.ep_transport))
     step_fn = make_train_step(model_cfg, opts, optimizer, schedule, cfg.grad_accum, impl, mesh, rules, state_sh,
                               cfg.batch_size, loss_fn, balance_rate=float(cfg.optim.router_balance_rate),
                               fast_compile=bool(cfg.impl.fast_compile))
