@@ -1,4 +1,4 @@
-"""``zaya data prepare``: tokenize a corpus of any size once into token shards that training memory-maps.
+"""``zaya data prepare``: tokenize a corpus of any size once into token shards that training reads by random access.
 
 Documents are read one at a time (:func:`zaya.data.sources.iter_documents`: text and JSONL globs, same parsing and
 errors as the in-memory loaders), tokenized in batches of about ``batch_chars`` characters with the pipeline's
