@@ -91,7 +91,10 @@ def bpe_tokenizer(path, texts):
 # Worker crashes. A few full-suite runs (CI included) lost an xdist worker to a fatal signal inside XLA:CPU, each
 # time in a different test that passes alone. CI reruns such a test once in a fresh worker (pytest-rerunfailures:
 # `--reruns 1 --rerun-except .`, so an ordinary failure is never rerun), and the crashed worker's stack is printed
-# at the end of the run, where a truncated CI log still shows it.
+# at the end of the run, where a truncated CI log still shows it. The first stack caught this way (2026-12-05, a local
+# full run): SIGSEGV inside XLA:CPU's compile (jax compiler.backend_compile_and_load) of a program jitted with
+# zaya.train.step.FAST_COMPILE's options (tests/test_train_step.py _state); the earlier crashes were in tests whose
+# programs use those options too. Suspect them first.
 
 @pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin, which points it at stderr
 def pytest_configure(config):
