@@ -93,8 +93,9 @@ def bpe_tokenizer(path, texts):
 # `--reruns 1 --rerun-except .`, so an ordinary failure is never rerun), and the crashed worker's stack is printed
 # at the end of the run, where a truncated CI log still shows it. The first stack caught this way (2026-12-05, a local
 # full run): SIGSEGV inside XLA:CPU's compile (jax compiler.backend_compile_and_load) of a program jitted with
-# zaya.train.step.FAST_COMPILE's options (tests/test_train_step.py _state); the earlier crashes were in tests whose
-# programs use those options too. Suspect them first.
+# zaya.train.step.FAST_COMPILE's options (tests/test_train_step.py _state); the second (a clean-clone CI run) in the
+# compile of tests/test_sharding.py's programs with {"xla_backend_optimization_level": 0} alone. The earlier crashes
+# were in tests whose programs use that option too: suspect XLA:CPU at optimization level 0 first.
 
 @pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin, which points it at stderr
 def pytest_configure(config):
