@@ -135,14 +135,18 @@ def _chunked(q_BTHd, k_BTKd, v_BTKd, layout, cache_k, cache_v, cache_len, tile: 
     return _finish(state, q_BTHd.shape, v_BTKd.dtype)
 
 
-def _scan_partial(q, k, v, mask, tile):
-    """``_partial`` over one key set in tiles of ``tile`` keys (online softmax in a scan; the last tile padded)."""
+def _tiles(k, v, tile):
     S = k.shape[1]
     n = min(tile, S)
     n_tiles = -(-S // n)
-    pad = n_tiles * n - S
-    kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    vp = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pad = ((0, 0), (0, n_tiles * n - S), (0, 0), (0, 0))
+    return jnp.pad(k, pad), jnp.pad(v, pad), n, n_tiles
+
+
+def _scan_partial(q, k, v, mask, tile):
+    """``_partial`` over one key set in tiles of ``tile`` keys (online softmax in a scan; the last tile padded)."""
+    S = k.shape[1]
+    kp, vp, n, n_tiles = _tiles(k, v, tile)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)  # backward keeps carries only: O(T * tile) memory
     def step(carry, i):
@@ -158,31 +162,12 @@ def _scan_partial(q, k, v, mask, tile):
     return part
 
 
-def _tiles(k, v, tile):
-    S = k.shape[1]
-    n = min(tile, S)
-    n_tiles = -(-S // n)
-    pad = ((0, 0), (0, n_tiles * n - S), (0, 0), (0, 0))
-    return jnp.pad(k, pad), jnp.pad(v, pad), n, n_tiles
-
-
 def _flash_fwd(q, k, v, layout, tile):
     """Normalised output [B, K, G, T, d] fp32 and the log-sum-exp [B, K, G, T] of the online softmax over key
-    tiles (``_scan_partial``'s math; nothing per tile is kept: the backward recomputes it)."""
+    tiles (``_scan_partial``, whose checkpointed step also keeps jax, under an outer remat, from computing every
+    tile's mask ahead and keeping them all; nothing per tile is kept: the backward recomputes it)."""
     [(_, _, mask)] = _sources(k, v, layout, None, None, None)
-    S = k.shape[1]
-    kp, vp, n, n_tiles = _tiles(k, v, tile)
-
-    # checkpointed step: under an outer remat (the layer scan), jax would otherwise compute every tile's mask (it
-    # depends on the layout only) ahead and keep them all, [n_tiles, B, K, G, T, tile] bools
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def step(carry, i):
-        kt, vt = (jax.lax.dynamic_slice_in_dim(x, i * n, n, 1) for x in (kp, vp))
-        return _merge(carry, _partial(q, kt, vt, _tile_mask(mask, i * n, n, S))), None
-    B, K, G, T, d = q.shape
-    init = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
-            jnp.zeros((B, K, G, T, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(n_tiles))
+    m, l, acc = _scan_partial(q, k, v, mask, tile)
     seen = l > 0  # rows with no visible key give 0
     o = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -211,7 +196,7 @@ def _flash_vjp_bwd(tile, res, do):
     delta = jnp.sum(do * o, -1)
     do_dt = do.astype(dt)
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)  # as in _flash_fwd
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # as in _scan_partial
     def step(dq, i):
         kt, vt = (jax.lax.dynamic_slice_in_dim(x, i * n, n, 1).astype(dt) for x in (kp, vp))
         m = _tile_mask(mask, i * n, n, S)[:, None, None]

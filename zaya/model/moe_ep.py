@@ -16,7 +16,7 @@ devices holds its own rows of the batch and E_l = E / n experts: the device at p
 Capacity C: the local token count A (every token could pick the same device), so nothing is dropped: the
 default. With ``capacity_factor`` f > 0, C = ceil(f A / n) rows per destination; a token whose slot is past C is
 dropped (output 0: the residual stream carries it, as for the skip class) and counted (returned; the objective
-logs it as ``moe_dropped``).
+logs the dropped fraction as ``moe_drop_rate``).
 
 Math: the dense reference's (``zaya.model.moe.experts_dense``): tokens in the weight dtype, fp32 accumulation, the
 up projection rounded to the weight dtype before SwiGLU, outputs back in fp32 and the gate applied at the source.
@@ -98,6 +98,16 @@ def _ragged_transport():
     return jax.lax.ragged_all_to_all if backend() in ("cuda", "rocm") else ragged_all_to_all_emulated
 
 
+def _through_local_experts(p, c, x_ZD, e_Z, local_impl):
+    """Received rows (local expert ids, E_l = empty) through this device's experts: ``local_experts``, or the
+    registered impl ``local_impl`` with a config of E_l experts and the empty rows as its skip class."""
+    w_up, w_down = p["gate_up"], p["down"]
+    if local_impl is None:
+        return local_experts(w_up, w_down, c.moe_intermediate_size, x_ZD, e_Z)
+    ones = jnp.ones((1, x_ZD.shape[0]), jnp.float32)
+    return local_impl(p, c.replace(num_experts=w_up.shape[0]), x_ZD[None], e_Z[None], ones)[0]
+
+
 def _exclusive_cumsum(x, axis=0):
     return jnp.cumsum(x, axis=axis) - x
 
@@ -107,7 +117,7 @@ def experts_ep_ragged(p: dict, c, m_BTD, choice_BT, gate_BT, axis: str = "expert
     B, T, D = m_BTD.shape
     A, E = B * T, c.num_experts
     n, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
-    w_up, w_down = p["gate_up"], p["down"]
+    w_up = p["gate_up"]
     E_l = w_up.shape[0]
     x_AD, e_A, g_A = routed_tokens(m_BTD, choice_BT, gate_BT, E, w_up.dtype)
     dest_A = jnp.where(e_A < E, e_A // E_l, n)  # skip tokens sort last and are not sent
@@ -122,10 +132,7 @@ def experts_ep_ragged(p: dict, c, m_BTD, choice_BT, gate_BT, axis: str = "expert
     x_sorted, e_sorted = x_AD[order], (e_A % E_l)[order].astype(jnp.int32)
     recv_x = a2a(x_sorted, jnp.zeros((R, D), x_AD.dtype), in_off, send, out_off, recv)
     recv_e = a2a(e_sorted, jnp.full((R,), E_l, jnp.int32), in_off, send, out_off, recv)
-    if local_impl is None:
-        y = local_experts(w_up, w_down, c.moe_intermediate_size, recv_x, recv_e)
-    else:
-        y = local_impl(p, c.replace(num_experts=E_l), recv_x[None], recv_e[None], jnp.ones((1, R), jnp.float32))[0]
+    y = _through_local_experts(p, c, recv_x, recv_e, local_impl)
     # back: the rows device s sent sit at [sum_{t<s} M[t, me], ...) here, and return to s's input offset for me
     back = a2a(y, jnp.zeros((A, D), jnp.float32), _exclusive_cumsum(recv), recv,
                _exclusive_cumsum(M, axis=1)[:, me], send)
@@ -143,7 +150,7 @@ def experts_ep(p: dict, c, m_BTD, choice_BT, gate_BT, axis: str = "expert", capa
     B, T, D = m_BTD.shape
     A, E = B * T, c.num_experts
     n = jax.lax.axis_size(axis)
-    w_up, w_down = p["gate_up"], p["down"]
+    w_up = p["gate_up"]
     E_l = w_up.shape[0]
     if E_l * n != E:
         raise ValueError(f"expert parallelism over {axis!r} ({n} devices) needs the {E} experts split evenly: this "
@@ -155,11 +162,7 @@ def experts_ep(p: dict, c, m_BTD, choice_BT, gate_BT, axis: str = "expert", capa
     send_e = jnp.full((n * C,), E_l, jnp.int32).at[row_A].set(e_A % E_l, mode="drop")
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True)
     recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=True)
-    if local_impl is None:
-        y_ZD = local_experts(w_up, w_down, c.moe_intermediate_size, recv_x, recv_e)
-    else:
-        ones = jnp.ones((1, n * C), jnp.float32)
-        y_ZD = local_impl(p, c.replace(num_experts=E_l), recv_x[None], recv_e[None], ones)[0]
+    y_ZD = _through_local_experts(p, c, recv_x, recv_e, local_impl)
     back = jax.lax.all_to_all(y_ZD, axis, 0, 0, tiled=True)
     y_AD = jnp.take(back, row_A, axis=0, mode="fill", fill_value=0.0)
     y_AD = y_AD * jnp.where(kept_A, g_A, 0.0)[:, None]
