@@ -97,11 +97,16 @@ def _rule_table(rules: Rules | None) -> dict:
     return table
 
 
+def axis_names(entry) -> tuple:
+    """One PartitionSpec entry (None, a mesh axis name or a tuple of them) as a tuple of names."""
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
 def batch_split(sizes: dict, rules: Rules | None) -> tuple[tuple, int]:
     """(mesh axes, shard count) the ``batch`` rule splits rows over on a mesh of ``sizes`` (a dict of axis sizes; no
     devices needed): its axes of size > 1. A training config's batch must divide by the count (checked)."""
     spec = logical_to_spec(("batch",), rules, sizes)
-    axes = () if not len(spec) or spec[0] is None else ((spec[0],) if isinstance(spec[0], str) else tuple(spec[0]))
+    axes = axis_names(spec[0] if len(spec) else None)
     return axes, math.prod(sizes[a] for a in axes)
 
 
@@ -165,7 +170,7 @@ def _per_batch_shard(fn, mesh: Mesh, dp, in_specs, out_specs):
     """``fn`` run on each batch shard (manual over the ``dp`` axes; tensor stays compiler-partitioned)."""
     if dp is None:
         return fn
-    names = {dp} if isinstance(dp, str) else set(dp)
+    names = set(axis_names(dp))
     # check_vma=False: the model code is not varying-axis aware (its scan carries start as unvarying zeros)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=names, check_vma=False)
 

@@ -252,7 +252,8 @@ def _mean_sharded_grad(g, spec, manual: set):
 
 def batch_axis_names(dp) -> tuple:
     """``batch_axes``' value (None, a mesh axis name or a tuple of them) as a tuple of names."""
-    return () if dp is None else ((dp,) if isinstance(dp, str) else tuple(dp))
+    from zaya.sharding import axis_names
+    return axis_names(dp)
 
 
 def batch_block(mesh, dp, idx: tuple) -> int:
