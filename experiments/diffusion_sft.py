@@ -4,7 +4,10 @@ diffusion loss (the data's loss_mask and the objective's prompt masking).
   zaya train --config experiments/diffusion_sft.py:tiny --config.init_from=runs/c/model --workdir runs/d
   full: SFT on prompt/response JSONL at 128k after context extension (budget ours: 20B tokens)
   demo / demo_quick: step 3 of `zaya demo` (seq 128, block 16)
+  ablation: the second phase of the tiny ablation study (experiments/results/ablation_tiny.md): 600 steps on short
+  and long task answers at seq 256
 """
+from zaya.data.tasks import ALL_KINDS
 from zaya.train import recipe
 
 
@@ -29,8 +32,13 @@ def get_config(arg: str = "tiny"):
         c = recipe.demo_phase(1500, 2e-3, arg)
         c.tidar.block_size = recipe.DEMO_BLOCK
         c.data.update(source="tasks", sft=True, tasks_fraction=0.0, num_tasks=20000)
+    elif arg == "ablation":   # the second phase of experiments/results/ablation_tiny.md: short and long tasks
+        c = recipe.demo_phase(600, 2e-3, "demo")
+        c.tidar.block_size = recipe.DEMO_BLOCK
+        c.update(seq_len=256, batch_size=4)   # a long task (prompt + answer) is up to 208 tokens; same tokens/step
+        c.data.update(source="tasks", sft=True, tasks_fraction=0.0, num_tasks=20000, task_kinds=",".join(ALL_KINDS))
     else:
-        raise ValueError(f"diffusion_sft: unknown variant {arg!r}; use tiny, full, demo or demo_quick")
+        raise ValueError(f"diffusion_sft: unknown variant {arg!r}; use tiny, full, demo, demo_quick or ablation")
     c.tidar.update(mode="tidar", alpha=1.0, prompt_masking=True)
     c.require_init = True
     return c

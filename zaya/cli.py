@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke runs)")
     b.add_argument("--loop", choices=["host", "device"], default="host",
                    help="samplers: decode loop of every sampler, AR included (zaya.generate's loop)")
+    b.add_argument("--task-set", choices=["short", "long"], default="short",
+                   help="samplers: task prompts with short (1-8 tokens) or long (20-100 tokens) answers")
     b.add_argument("--vs-transformers", action="store_true",
                    help="forward/decode: against transformers' PyTorch ZAYA on the same random checkpoint (CPU, fp32)")
     b.add_argument("--config", default=None, help="memory: experiments/X.py:variant (with --config.k=v overrides)")

@@ -49,3 +49,12 @@ def atomic_dir(dst: str, overwrite: bool = False):
     os.replace(tmp, dst)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename: readers see the old file or the new one,
+    never a half-written one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -78,7 +78,8 @@ def run_samplers(a):
         sub = a.out
         if a.out and len(targets) > 1:
             sub = os.path.join(a.out, t.get("preset") or f"model{i}_{os.path.basename(t['model_path'].rstrip('/'))}")
-        out += samplers.run(out=sub, quick=a.quick, loop=getattr(a, "loop", "host"), **t)
+        out += samplers.run(out=sub, quick=a.quick, loop=getattr(a, "loop", "host"),
+                            task_set=getattr(a, "task_set", "short"), **t)
     return out
 
 

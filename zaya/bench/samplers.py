@@ -120,8 +120,9 @@ def load_model(model_path: str | None = None, preset: str = "tiny", dtype: str |
 
 
 def make_prompts(cfg, n: int, source: str = "auto", seed: int = 0, length: int = 32,
-                 task_max_len: int = 8) -> tuple[list[list[int]], str]:
-    """n prompts: 'tasks' (byte-encoded generated tasks of the held-out 'val' split, BOS first), 'random' ids, or
+                 task_max_len: int = 8, task_set: str = "short") -> tuple[list[list[int]], str]:
+    """n prompts: 'tasks' (byte-encoded generated tasks of the held-out 'val' split, BOS first, from ``task_set``:
+    'short' answers of 1-8 tokens or 'long' ones of 20-100, ``zaya.data.tasks.TASK_SETS``), 'random' ids, or
     'auto' (tasks when the vocab is the byte tokenizer's 261 ids, possibly padded: 261 <= vocab < 325)."""
     if source == "auto":
         source = "tasks" if BYTE_VOCAB <= cfg.vocab_size < BYTE_VOCAB + 64 else "random"
@@ -129,9 +130,10 @@ def make_prompts(cfg, n: int, source: str = "auto", seed: int = 0, length: int =
         from zaya.data import tasks
         from zaya.data.tokenizer import ByteTokenizer
         tok = ByteTokenizer()
-        items = tasks.generate(n, seed=seed, split="val", max_len=task_max_len)
+        items = tasks.generate(n, seed=seed, kinds=tasks.kinds_of(task_set), split="val", max_len=task_max_len)
+        what = f"strings up to {task_max_len}" if task_set == "short" else "answers of 20-100 tokens"
         return ([[tok.bos_id] + tok.encode(t["prompt"]) for t in items],
-                f"{n} generated tasks (held-out split, seed {seed}, strings up to {task_max_len}), bytes")
+                f"{n} generated {task_set} tasks (held-out split, seed {seed}, {what}), bytes")
     rng = np.random.default_rng(seed)
     hi = min(cfg.vocab_size, 1 << 30)
     return ([[cfg.bos_token_id] + rng.integers(5, hi, length - 1).tolist() for _ in range(n)],
@@ -261,13 +263,14 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
         repeats: int | None = None, preset: str = "tiny", dtype: str | None = None, seed: int = 0,
         temperature: float = 0.0, compile_cache: bool | str = False, prompt_len: int = 32,
         anchor: str | None = None, num_prompts: int | None = None, eos_stop: bool | None = None,
-        task_max_len: int = 8, loop: str = "host") -> list[dict]:
+        task_max_len: int = 8, loop: str = "host", task_set: str = "short") -> list[dict]:
     """Run the sweep; print the table, write samplers.md/.csv/.json and figures into ``out``; return the rows.
 
     Every configuration decodes the same ``num_prompts`` prompts (default: the largest batch) in batches of its
     ``batch``. ``eos_stop`` (default: on for task prompts) ends a row at EOS, i.e. at the end of the task's answer;
     off, every row decodes the full budget. ``loop``: zaya.generate's decode loop for every sampler, AR included
-    ("host": one dispatch and sync per step; "device": one lax.while_loop, no per-step host overhead)."""
+    ("host": one dispatch and sync per step; "device": one lax.while_loop, no per-step host overhead).
+    ``task_set``: with task prompts, 'short' or 'long' answers (each row records it)."""
     if compile_cache:  # scoped to this run (the CLI scopes it to the whole command)
         with common.compile_cache(None if compile_cache is True else compile_cache):
             return run(**{**locals(), "compile_cache": False})
@@ -277,7 +280,7 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
     m = common.machine()
     model, model_desc = load_model(model_path, preset, dtype, seed)
     n = max([c["batch"] for c in grid] + [num_prompts or 0])
-    all_prompts, prompt_desc = make_prompts(model.config, n, prompts, seed, prompt_len, task_max_len)
+    all_prompts, prompt_desc = make_prompts(model.config, n, prompts, seed, prompt_len, task_max_len, task_set)
     if eos_stop is None:
         eos_stop = "tasks" in prompt_desc
     eos_id = model.config.eos_token_id if eos_stop else None
@@ -286,6 +289,7 @@ def run(model_path: str | None = None, out: str | None = None, quick: bool = Fal
         print(f"[bench samplers] {i + 1}/{len(grid)} {label(cfg)} {cfg.get('acceptance', 'greedy')} "
               f"batch {cfg['batch']}", flush=True)
         rows.append(compare(model, all_prompts, cfg, max_new_tokens, repeats, temperature, ar_cache, eos_id, loop))
+        rows[-1]["task_set"] = task_set if "tasks" in prompt_desc else None
     md = markdown(rows, m, model_desc, prompt_desc, max_new_tokens, repeats, temperature, eos_id, loop)
     print(md, flush=True)
     if out:

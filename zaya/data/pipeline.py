@@ -38,6 +38,8 @@ DEFAULTS = dict(
     task_kinds=",".join(tasks.KINDS),  # comma-separated (a tuple works too)
     num_tasks=20000,  # examples generated for source='tasks'
     tasks_seed=0,  # the generated task set (independent of the shuffle seed)
+    distill_from="",  # source 'tasks': a model folder whose greedy continuations replace the train split's answers
+    # (self-distillation, zaya.data.distill); 'init': the run's init_from
     task_max_len=8,  # longest string of the copy/reverse/sort/brackets tasks (zaya.data.tasks.generate max_len)
     num_epochs=None,  # None: repeat forever
     packing_bins=16,  # open rows for first-fit packing
@@ -131,6 +133,15 @@ def load_corpus(data_cfg, tokenizer: Tokenizer, split: str = "train") -> packing
         docs = sources.load_documents(c["source"], jsonl_fields=c["jsonl_fields"], text_split=c["text_split"],
                                       shakespeare_unit=c["shakespeare_unit"])
     docs = _split(docs, c["val_fraction"], split)
+    if c["distill_from"] and split == "train":
+        if c["source"] != "tasks":
+            raise DataError(f"data.distill_from needs data.source='tasks' (prompts to continue), got "
+                            f"{c['source']!r}")
+        if c["distill_from"] == "init":
+            raise DataError("data.distill_from='init' is resolved by the trainer (the run's init_from); pass a model "
+                            "folder when building the data yourself")
+        from zaya.data import distill
+        docs = distill.continuations(docs, c["distill_from"], tokenizer)
     tok = tokenize(docs, tokenizer, c["sft"])
     f = c["tasks_fraction"]
     if f > 0 and c["source"] != "tasks":

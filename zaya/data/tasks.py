@@ -20,6 +20,7 @@ KINDS = ("add", "mul", "copy", "sort", "brackets", "reverse")  # short answers (
 # and closing an open bracket sequence ("close:([[(" -> ")]])")
 LONG_KINDS = ("copy_long", "reverse_long", "sort_long", "add_chain", "brackets_close")
 ALL_KINDS = KINDS + LONG_KINDS
+TASK_SETS = {"short": KINDS, "long": LONG_KINDS}  # the decode tables' task sets (reported separately)
 LONG_MIN, LONG_MAX = 20, 120
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _BRACKETS = ("()", "[]")
@@ -142,6 +143,13 @@ def generate(n: int, seed: int = 0, kinds=KINDS, *, split: str | None = None, va
         elif tries > 1000 * (n + 10):
             raise DataError(f"could not draw {n} {split} examples (task space too small for val_fraction)")
     return out
+
+
+def kinds_of(task_set: str) -> tuple[str, ...]:
+    """``'short'`` / ``'long'`` -> that set's kinds."""
+    if task_set not in TASK_SETS:
+        raise DataError(f"task set {task_set!r} not known; choose from {tuple(TASK_SETS)}")
+    return TASK_SETS[task_set]
 
 
 def response(task: dict) -> str:

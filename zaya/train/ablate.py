@@ -8,6 +8,23 @@
 ``--set key=value`` and ``--config.key=value`` apply to every run. Each run trains in DIR/<name> (so rerunning
 resumes or skips finished runs), then DIR/ablation.md, DIR/ablation.csv and DIR/ablation_<metric>.png compare them.
 A bad config or override prints one line (what is wrong, how to fix it) and exits with status 2 before any run.
+
+Beyond the training metrics a sweep can report what the objective costs and buys:
+
+  --control 'tidar.mode=ar'   trains this override set once per seed (DIR/control, DIR/control_seed=S) and adds
+                              ``ar_vs_control``: each run's held-out AR loss relative to it (+0.01 = 1% worse), the
+                              equal-compute comparison
+  --then experiments/diffusion_sft.py:demo
+                              a second phase per run, started from the run's model (DIR/<name>/then). ``then.KEY=V``
+                              overrides go to it alone; ``tidar.*`` and ``seed`` go to both phases (the decoded model
+                              must be trained with the layout it decodes with); the rest to the first phase only
+  --decode N                  decode N held-out short-answer and N long-answer task prompts with the final model
+                              (greedy, lossless, the sampler matching the trained layout: zaya.train.decode_eval) and
+                              add ``tpf_short``, ``tpf_long`` (tokens per decode forward per active row) and
+                              ``same_as_ar_*``
+
+Every row also has ``wall_s`` (its phases and decoding). Runs that differ only in ``seed`` are summarised again as
+mean +- std in DIR/ablation.md.
 """
 from __future__ import annotations
 
@@ -17,12 +34,17 @@ import itertools
 import json
 import os
 import re
+import statistics
 import sys
+import time
 
 from zaya.train import configs, plots
 
-COLUMNS = ("loss", "ar_loss", "diff_loss", "eval_loss", "eval_ar_loss", "eval_diff_loss", "eval_diff_acc",
-           "eval_diff_acc_pos0", "skip_rate", "tokens_per_s")
+COLUMNS = ("loss", "ar_loss", "diff_loss", "eval_loss", "eval_ar_loss", "ar_vs_control", "eval_diff_loss",
+           "eval_diff_acc", "eval_diff_acc_pos0", "then_diff_acc", "then_diff_acc_pos0", "tpf_short", "tpf_long",
+           "same_as_ar_short", "same_as_ar_long", "skip_rate", "tokens_per_s", "wall_s")
+SEED_COLUMNS = ("eval_ar_loss", "ar_vs_control", "eval_diff_acc", "then_diff_acc", "tpf_short", "tpf_long")
+BOTH_PHASES = ("tidar.", "seed")   # override keys (prefixes) applied to the first phase and to --then
 
 
 def grid(sweeps: list[str]) -> list[list[tuple[str, str]]]:
@@ -67,6 +89,25 @@ def parse_run(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def split_overrides(overrides) -> tuple[list, list]:
+    """(first phase, --then phase) overrides: ``then.K=V`` -> second only (as ``K=V``); ``tidar.*`` and ``seed`` ->
+    both; the rest -> first only."""
+    first, then = [], []
+    for k, v in overrides:
+        if k.startswith("then."):
+            then.append((k[len("then."):], v))
+        else:
+            first.append((k, v))
+            if k.startswith(BOTH_PHASES):
+                then.append((k, v))
+    return first, then
+
+
+def _acc_mean(ev: dict):
+    acc = ev.get("diff_acc_per_pos")
+    return ((sum(acc) / len(acc)) if acc else ev.get("diff_acc")), (acc[0] if acc else None)
+
+
 def run_name(overrides: list[tuple[str, str]]) -> str:
     if not overrides:
         return "base"
@@ -74,16 +115,40 @@ def run_name(overrides: list[tuple[str, str]]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", name)[:120]
 
 
-def row_of(name: str, overrides, summary: dict) -> dict:
+def row_of(name: str, overrides, summary: dict, then: dict | None = None) -> dict:
     f, ev = summary.get("final", {}), summary.get("eval", {}) or {}
     acc = ev.get("diff_acc_per_pos")
+    mean, pos0 = _acc_mean(ev)
     row = {"run": name, **{k: v for k, v in overrides},
            "loss": f.get("loss"), "ar_loss": f.get("ar_loss"), "diff_loss": f.get("diff_loss"),
            "eval_loss": ev.get("loss"), "eval_ar_loss": ev.get("ar_loss"), "eval_diff_loss": ev.get("diff_loss"),
-           "eval_diff_acc": (sum(acc) / len(acc)) if acc else ev.get("diff_acc"),
-           "eval_diff_acc_pos0": acc[0] if acc else None, "skip_rate": f.get("skip_rate_mean"),
+           "eval_diff_acc": mean, "eval_diff_acc_pos0": pos0, "skip_rate": f.get("skip_rate_mean"),
            "tokens_per_s": summary.get("tokens_per_s"), "eval_diff_acc_per_pos": acc}
+    if then is not None:
+        tev = then.get("eval", {}) or {}
+        row["then_diff_acc"], row["then_diff_acc_pos0"] = _acc_mean(tev)
+        row["then_diff_acc_per_pos"] = tev.get("diff_acc_per_pos")
     return row
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Rows that differ only in ``seed`` (at least two): one row each with mean and std of SEED_COLUMNS."""
+    groups: dict = {}
+    for r in rows:
+        key = tuple(sorted((k, str(v)) for k, v in r.items() if k not in COLUMNS and k not in ("run", "seed")
+                           and not isinstance(v, list)))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for key, rs in groups.items():
+        if len({r.get("seed") for r in rs}) < 2:
+            continue
+        s = {"runs": len(rs), "overrides": " ".join(f"{k}={v}" for k, v in key) or "(base)"}
+        for c in SEED_COLUMNS:
+            xs = [r[c] for r in rs if r.get(c) is not None]
+            if xs:
+                s[c] = (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        out.append(s)
+    return out
 
 
 def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
@@ -98,38 +163,102 @@ def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    seeds = seed_summary(rows)
+    if seeds:
+        cols = [c for c in SEED_COLUMNS if any(c in s for s in seeds)]
+        lines += ["", "Across seeds (mean +- std):", "", "| overrides | runs | " + " | ".join(cols) + " |",
+                  "|" + "---|" * (len(cols) + 2)]
+        lines += [f"| {s['overrides']} | {s['runs']} | " + " | ".join(
+            f"{s[c][0]:.4g} +- {s[c][1]:.2g}" if c in s else "-" for c in cols) + " |" for s in seeds]
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return md_path, csv_path
 
 
+def _then_cfg(then: str, common, ov, argv, init_from: str):
+    first_common, then_common = split_overrides(common)
+    _, then_ov = split_overrides(ov)
+    return configs.load(then, then_common + then_ov + [("init_from", init_from)],
+                        [a for a in argv if a.startswith(tuple(f"--config.{p}" for p in BOTH_PHASES))])
+
+
 def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=(), train_fn=None,
-           argv=()) -> list[dict]:
+           argv=(), control=None, then: str | None = None, decode: int = 0, decode_fn=None) -> list[dict]:
     """Train every override set (configs checked before the first run starts) and write the comparison.
-    ``common`` (key, value) pairs and ``argv`` (``--config.a.b=v`` arguments) apply to every run."""
+    ``common`` (key, value) pairs and ``argv`` (``--config.a.b=v`` arguments) apply to every run; ``control``
+    (override pairs), ``then`` (a second phase's config spec) and ``decode`` (prompts per task set) as the CLI's
+    ``--control``, ``--then`` and ``--decode``."""
     from zaya.train.loop import train
     train_fn = train_fn or train
+    if decode_fn is None:
+        from zaya.train.decode_eval import decode_tasks as decode_fn
     runs = []
     for ov in sets:
-        cfg = configs.load(spec, list(common) + list(ov), argv)  # fail on a bad override before any training
+        first, _ = split_overrides(list(common) + list(ov))
+        cfg = configs.load(spec, first, argv)  # fail on a bad override before any training
+        if then:
+            _then_cfg(then, common, ov, argv, "/checked/later")
         runs.append((run_name(ov), ov, cfg))
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise configs.ConfigOverrideError(f"duplicate runs {names}")
+    controls = {}
+    if control:
+        for seed in sorted({str(cfg.seed) for _, _, cfg in runs}):
+            first, _ = split_overrides(list(common) + list(control) + [("seed", seed)])
+            controls[seed] = configs.load(spec, first, argv)
     os.makedirs(workdir, exist_ok=True)
+    control_loss = {}
+    for seed, cfg in controls.items():
+        name = "control" if seed == "0" else f"control_seed={seed}"
+        control_loss[seed] = (train_fn(cfg, os.path.join(workdir, name)).get("eval") or {}).get("ar_loss")
     rows = []
     for name, ov, cfg in runs:
-        summary = train_fn(cfg, os.path.join(workdir, name))
-        rows.append(row_of(name, ov, summary))
+        t0 = time.perf_counter()
+        wd = os.path.join(workdir, name)
+        summary = train_fn(cfg, wd)
+        then_summary, final, last = None, os.path.join(wd, "model"), cfg
+        if then:
+            last = _then_cfg(then, common, ov, argv, final)
+            then_summary = train_fn(last, os.path.join(wd, "then"))
+            final = os.path.join(wd, "then", "model")
+        row = row_of(name, ov, summary, then_summary)
+        base = control_loss.get(str(cfg.seed))
+        if base and row.get("eval_ar_loss") is not None:
+            row["ar_vs_control"] = row["eval_ar_loss"] / base - 1
+        if decode:
+            row.update(_decoded(wd, final, dict(last.tidar), decode, decode_fn))
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
     write_table(rows, workdir)
     wd = {n: os.path.join(workdir, n) for n in names}
     for key in ("loss", "diff_loss", "ar_loss"):
         plots.compare_runs(wd, os.path.join(workdir, f"ablation_{key}.png"), key)
     plots.compare_vectors({r["run"]: r["eval_diff_acc_per_pos"] for r in rows if r.get("eval_diff_acc_per_pos")},
                           os.path.join(workdir, "ablation_diff_acc_per_pos.png"))
+    plots.compare_vectors({r["run"]: r["then_diff_acc_per_pos"] for r in rows if r.get("then_diff_acc_per_pos")},
+                          os.path.join(workdir, "ablation_then_diff_acc_per_pos.png"),
+                          ylabel="eval diffusion accuracy (--then phase)")
+    if any(r.get("tpf_long") is not None for r in rows):
+        plots.tradeoff(rows, os.path.join(workdir, "ablation_tradeoff.png"))
     with open(os.path.join(workdir, "ablation.json"), "w") as f:
         json.dump(rows, f, indent=2)
     return rows
+
+
+def _decoded(run_dir: str, model_dir: str, tidar: dict, n: int, decode_fn) -> dict:
+    """decode_fn's figures, kept in RUN/decode.json (a rerun of the sweep reuses them for the same n and model)."""
+    from zaya.fileio import atomic_write_text
+    path = os.path.join(run_dir, "decode.json")
+    stamp = {"num_prompts": n, "model_mtime": os.path.getmtime(model_dir)}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("stamp") == stamp:
+            return old["figures"]
+    figures = decode_fn(model_dir, tidar, n)
+    atomic_write_text(path, json.dumps({"stamp": stamp, "figures": figures}, indent=2))
+    return figures
 
 
 def main(argv=None):
@@ -139,6 +268,10 @@ def main(argv=None):
     p.add_argument("--sweep", action="append", default=[], help="key=v1,v2,... (grid axis; repeatable)")
     p.add_argument("--run", action="append", default=[], help="'k1=v1 k2=v2' one explicit run (repeatable)")
     p.add_argument("--set", action="append", default=[], help="key=value applied to every run (repeatable)")
+    p.add_argument("--control", default=None, help="'k1=v1 ...' the equal-compute control (e.g. 'tidar.mode=ar')")
+    p.add_argument("--then", default=None, help="experiments/Y.py[:variant]: a second phase from each run's model")
+    p.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="decode N held-out short and N long task prompts with each final model (greedy, lossless)")
     a, rest = p.parse_known_args(argv)  # rest: --config.a.b=v overrides for every run, as `zaya train`'s
     if a.sweep and a.run:
         p.error("use either --sweep (grid) or --run (explicit sets), not both")
@@ -146,7 +279,8 @@ def main(argv=None):
     try:
         sets = [parse_run(r) for r in a.run] if a.run else grid(a.sweep)
         common = [tuple(s.removeprefix("--config.").split("=", 1)) for s in a.set]
-        rows = ablate(a.config, a.workdir, sets, common, argv=rest)
+        control = parse_run(a.control) if a.control else None
+        rows = ablate(a.config, a.workdir, sets, common, argv=rest, control=control, then=a.then, decode=a.decode)
     except startup_errors() as e:  # one line saying what to change, no traceback (as `zaya train`)
         print(f"{p.prog}: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

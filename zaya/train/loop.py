@@ -57,6 +57,17 @@ def resolve_model_dir(path: str) -> str:
     return path
 
 
+def train_data(cfg) -> dict:
+    """The run's data config, with ``data.distill_from='init'`` resolved to the init_from model folder."""
+    d = cfg.data.to_dict()
+    if d.get("distill_from") == "init":
+        if not cfg.init_from:
+            raise ConfigError("data.distill_from='init' continues prompts with the run's init_from model; set "
+                              "--config.init_from=<model folder> or give data.distill_from a model folder")
+        d["distill_from"] = resolve_model_dir(cfg.init_from)
+    return d
+
+
 def load_init(path: str, model_cfg: ZayaConfig) -> dict:
     """fp32 params from a model folder, checked against the experiment's model shapes. Non-shape fields (RoPE theta,
     max positions, special ids, dtype) come from the experiment config (context extension changes theta)."""
@@ -145,7 +156,7 @@ class Run:
         import grain
         from zaya.data import pipeline
         self.shard = grain.sharding.ShardOptions(*batch_shard(self.mesh, self.dp))  # this process's batch rows
-        self.train_iter = pipeline.make_train_iter(cfg.data, self.tok, cfg.seq_len, cfg.batch_size, cfg.seed,
+        self.train_iter = pipeline.make_train_iter(train_data(cfg), self.tok, cfg.seq_len, cfg.batch_size, cfg.seed,
                                                    shard_options=self.shard)
         self.ckpt = Checkpoints(os.path.join(self.workdir, "checkpoints"), cfg.checkpoint.keep,
                                 cfg.checkpoint.use_async, before_commit)

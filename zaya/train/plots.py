@@ -120,3 +120,23 @@ def _save(fig, plt, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def tradeoff(rows: list[dict], out_png: str) -> str:
+    """Ablation rows: what each costs (AR loss vs the control, or the held-out AR loss without one) against what it
+    buys (tokens per decode forward on short and long tasks), one point per run and task set."""
+    plt = _plt()
+    key = "ar_vs_control" if any(r.get("ar_vs_control") is not None for r in rows) else "eval_ar_loss"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for ts, marker in (("short", "o"), ("long", "s")):
+        pts = [(r[key], r[f"tpf_{ts}"], r["run"]) for r in rows
+               if r.get(key) is not None and r.get(f"tpf_{ts}") is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{ts} tasks")
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("AR loss vs equal-compute control (fraction)" if key == "ar_vs_control" else "eval AR loss")
+    ax.set_ylabel("tokens per decode forward (greedy, lossless)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, plt, out_png)
