@@ -100,6 +100,8 @@ def test_samplers_grid_and_prompts():
     p, desc = samplers.make_prompts(c, 3)
     assert "tasks" in desc and len(p) == 3 and all(x[0] == 2 and max(x) < 261 for x in p)
     assert "tasks" in samplers.make_prompts(c.replace(vocab_size=264), 1)[1]  # byte vocab padded to a multiple of 8
+    lp, ldesc = samplers.make_prompts(c, 3, "tasks", task_set="long")
+    assert "long tasks" in ldesc and min(map(len, lp)) > 20 > max(map(len, p))   # 20+ char strings vs short ones
     p, desc = samplers.make_prompts(zaya.preset("tiny"), 2, length=7)
     assert "random" in desc and all(len(x) == 7 for x in p)
 

@@ -253,6 +253,9 @@ def test_long_tasks_have_long_checked_answers():
     assert not {t["prompt"] for t in val} & {t["prompt"] for t in train}
     mixed = tasks.generate(200, seed=0, kinds=("add", "copy_long"))
     assert {t["kind"] for t in mixed} == {"add", "copy_long"}
+    assert tasks.kinds_of("short") == tasks.KINDS and tasks.kinds_of("long") == tasks.LONG_KINDS
+    with pytest.raises(DataError, match="task set 'medium'"):
+        tasks.kinds_of("medium")
 
 
 def test_task_splits_disjoint():

@@ -46,7 +46,7 @@ def test_summary_lists_every_sampler_row_with_its_bound():
           "sft": {"task_em": 0.75, "diff_acc_per_pos": [0.9]}}
     rows = [dict(config="SF K=15 L=0", batch=1, tokens_per_forward=3.5, tokens_per_step=2.8,
                  acceptance_per_position=[0.8, 0.9, 0.95, 0.97, 1.0], speedup=1.51, speedup_oracle=2.31, equal_ar=True,
-                 loop="device"),
+                 loop="device", task_set="long"),
             dict(config="TF K=15 mask-anchor", batch=8, tokens_per_forward=1.2, tokens_per_step=2.8,
                  acceptance_per_position=[0.8], speedup=0.64, speedup_oracle=None, equal_ar=False)]
     st = {"steps": 3, "tokens_per_s": 10.0, "device": "cpu"}
@@ -54,8 +54,8 @@ def test_summary_lists_every_sampler_row_with_its_bound():
     assert "(-20.00%)" in md  # converted vs base AR loss
     assert "+25.00% against it" in md  # converted vs the equal-compute AR control
     assert "blocks with context: AR top-1 | - | 0.375 |" in md or "blocks with context: AR top-1 | nan | 0.375 |" in md
-    assert "| SF K=15 L=0 | 1 | device | 3.50 | 2.80 | 0.80 0.90 0.95 0.97 | 1.51x | 2.31x | True |" in md
-    assert "| TF K=15 mask-anchor | 8 | host | 1.20 | 2.80 | 0.80 | 0.64x | n/a | False |" in md
+    assert "| long | SF K=15 L=0 | 1 | device | 3.50 | 2.80 | 0.80 0.90 0.95 0.97 | 1.51x | 2.31x | True |" in md
+    assert "| short | TF K=15 mask-anchor | 8 | host | 1.20 | 2.80 | 0.80 | 0.64x | n/a | False |" in md
     assert "0.50, 0.25" in md and "after SFT (tasks): 0.90" in md
 
 
@@ -64,17 +64,21 @@ def test_demo_fails_when_a_greedy_block_row_differs_from_ar():
     import pytest
     ok = dict(config="SF K=15 L=0", batch=1, loop="host", equal_ar=True)
     demo.check([ok, dict(ok, loop="device")])
-    with pytest.raises(SystemExit, match=r"TF K=15 mask-anchor \(batch 8, device loop\)"):
-        demo.check([ok, dict(config="TF K=15 mask-anchor", batch=8, loop="device", equal_ar=False)])
+    with pytest.raises(SystemExit, match=r"TF K=15 mask-anchor \(batch 8, device loop, long tasks\)"):
+        demo.check([ok, dict(config="TF K=15 mask-anchor", batch=8, loop="device", equal_ar=False, task_set="long")])
 
 
 def test_summary_json_record_has_the_decode_rows_and_the_control_comparison():
     ev = {"model": {"ar_loss": 1.04}, "base": {"ar_loss": 1.1}, "control": {"ar_loss": 1.0}}
     rows = [{"sampler": "single_forward", "config": "SF K=15", "batch": 1, "loop": "device",
-             "tokens_per_forward": 2.8, "equal_ar": True, "speedup": 1.2}]
+             "tokens_per_forward": 2.8, "equal_ar": True, "speedup": 1.2},
+            {"sampler": "single_forward", "config": "SF K=15", "batch": 8, "loop": "device", "task_set": "long",
+             "tokens_per_forward": 4.6, "equal_ar": True}]
     r = demo.record({"steps": 1}, {"steps": 2}, {"steps": 3}, ev, rows)
     assert r["convert"]["ar_loss_vs_control"] == pytest.approx(0.04) and r["convert"]["steps"] == 2
     assert r["decode"] == [{"sampler": "single_forward", "config": "SF K=15", "batch": 1, "loop": "device",
-                            "task_set": "short", "tokens_per_forward": 2.8, "same_as_ar": True}]
+                            "task_set": "short", "tokens_per_forward": 2.8, "same_as_ar": True},
+                           {"sampler": "single_forward", "config": "SF K=15", "batch": 8, "loop": "device",
+                            "task_set": "long", "tokens_per_forward": 4.6, "same_as_ar": True}]
     assert r["samplers"] == rows and r["eval"] is ev
     assert demo.record({}, {}, {}, {"model": {"ar_loss": 1.0}}, [])["convert"]["ar_loss_vs_control"] is None

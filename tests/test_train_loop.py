@@ -265,3 +265,51 @@ def test_ablation_runner_writes_table_and_plots(tmp_path):
                       ablate.grid(["tidar.alpah=1,2"]), common=[("init_from", "/x")], train_fn=fake_train)
     assert ablate.parse_run("tidar.alpha=1 --config.num_steps=3") == [("tidar.alpha", "1"), ("num_steps", "3")]
     assert ablate._split_values("(1,2),(3,4)") == ["(1,2)", "(3,4)"]
+
+
+def test_ablation_runner_control_then_phase_decode_columns_and_seeds(tmp_path):
+    from zaya.train import ablate
+    trained, decoded = [], []
+
+    def fake_train(cfg, workdir):
+        os.makedirs(os.path.join(workdir, "model"), exist_ok=True)
+        trained.append((os.path.relpath(workdir, tmp_path), cfg.tidar.mode, cfg.tidar.alpha, cfg.seed, cfg.num_steps,
+                        cfg.init_from))
+        ar = 2.0 if cfg.tidar.mode == "ar" else 2.0 + 0.1 * cfg.tidar.alpha + 0.01 * cfg.seed
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 1, "loss": ar}) + "\n")
+        return {"final": {"loss": ar}, "eval": {"ar_loss": ar, "diff_acc_per_pos": [0.5, 0.3]}}
+
+    def fake_decode(model_dir, tidar, n):
+        decoded.append((os.path.relpath(model_dir, tmp_path), tidar["alpha"], n))
+        return {"tpf_short": 2.0 + tidar["alpha"], "tpf_long": 3.0, "same_as_ar_short": 1.0, "same_as_ar_long": 1.0}
+
+    sets = [ablate.parse_run(r) for r in ("tidar.alpha=1", "tidar.alpha=2 then.num_steps=9", "tidar.alpha=1 seed=1")]
+    rows = ablate.ablate(os.path.join(EXP, "tidar_convert.py:tiny"), str(tmp_path), sets,
+                         common=[("init_from", "/base"), ("num_steps", "7")], train_fn=fake_train,
+                         control=[("tidar.mode", "ar")], then=os.path.join(EXP, "diffusion_sft.py:tiny"), decode=5,
+                         decode_fn=fake_decode)
+    phases = {t[0]: t[1:] for t in trained}
+    assert phases["control"] == ("ar", 1.0, 0, 7, "/base") and phases["control_seed=1"][2] == 1   # one per seed
+    assert phases["alpha=1"] == ("tidar", 1.0, 0, 7, "/base")
+    # the second phase: from the run's model, tidar.* and seed carried over, then.* its own, num_steps not
+    assert phases["alpha=2_num_steps=9/then"] == ("tidar", 2.0, 0, 9, str(tmp_path / "alpha=2_num_steps=9" / "model"))
+    assert phases["alpha=1/then"][3] == 200 and phases["alpha=1_seed=1/then"][2] == 1
+    assert ("alpha=1/then/model", 1.0, 5) in decoded     # the final (second-phase) model, decoded as trained
+    r = {x["run"]: x for x in rows}
+    assert r["alpha=1"]["ar_vs_control"] == pytest.approx(0.05)
+    assert r["alpha=1_seed=1"]["ar_vs_control"] == pytest.approx(0.11 / 2.0)   # against its own seed's control
+    assert r["alpha=2_num_steps=9"]["tpf_short"] == 4.0 and r["alpha=1"]["then_diff_acc_pos0"] == 0.5
+    assert all(x["wall_s"] >= 0 for x in rows)
+    md = (tmp_path / "ablation.md").read_text()
+    assert "Across seeds (mean +- std)" in md and "| tidar.alpha=1 | 2 |" in md
+    assert (tmp_path / "ablation_tradeoff.png").exists()
+    # a rerun reuses each run's decode.json (same model, same prompt count) instead of decoding again
+    n = len(decoded)
+    ablate.ablate(os.path.join(EXP, "tidar_convert.py:tiny"), str(tmp_path), sets[:1],
+                  common=[("init_from", "/base"), ("num_steps", "7")], train_fn=lambda c, w: fake_train(c, w) and {
+                      "final": {}, "eval": {"ar_loss": 2.1}}, then=os.path.join(EXP, "diffusion_sft.py:tiny"),
+                  decode=5, decode_fn=fake_decode)
+    assert len(decoded) == n
+    assert ablate.split_overrides([("then.a", "1"), ("tidar.b", "2"), ("seed", "3"), ("c", "4")]) == (
+        [("tidar.b", "2"), ("seed", "3"), ("c", "4")], [("a", "1"), ("tidar.b", "2"), ("seed", "3")])

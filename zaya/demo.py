@@ -72,6 +72,7 @@ def main(args):
 
     print("[demo] 5/5 block samplers vs AR on held-out tasks", flush=True)
     from zaya.bench import samplers as bench_samplers
+    from zaya.train import decode_eval
     K = BLOCK - 1
     tf = dict(sampler="two_forward", block_size=K, anchor="mask", acceptance="greedy")
     sf = dict(sampler="single_forward", block_size=K, levels=(0,), acceptance="greedy")
@@ -79,14 +80,18 @@ def main(args):
     # lax.while_loop): per-step host overhead is paid ~3x more often by AR, so the two loops rank samplers differently.
     # (Sparse and dense levels, the slowest rows, are in experiments/results/samplers_cpu.md: the demo stays
     # well inside its 15 minutes.)
-    grids = {"host": [dict(tf, batch=1), dict(sf, batch=1), dict(tf, batch=8), dict(sf, batch=8)],
-             "device": [dict(tf, batch=1), dict(sf, batch=1), dict(sf, batch=8)]}
+    # Short answers (1-8 tokens) in both loops; long answers (20-100 tokens) in the device loop, where the wall
+    # clock is not dominated by per-step host overhead.
+    grids = [("short", "host", [dict(tf, batch=1), dict(sf, batch=1), dict(tf, batch=8), dict(sf, batch=8)]),
+             ("short", "device", [dict(tf, batch=1), dict(sf, batch=1), dict(sf, batch=8)]),
+             ("long", "device", [dict(tf, batch=1), dict(sf, batch=1), dict(sf, batch=8)])]
     rows = []
-    for loop, grid in grids.items():
-        rows += bench_samplers.run(model_path=os.path.join(out, "sft", "model"),
-                                   out=os.path.join(out, "samplers" if loop == "host" else "samplers_device"),
-                                   grid=grid[:2] if quick else grid, prompts="tasks", max_new_tokens=24,
-                                   num_prompts=8 if quick else 32, repeats=1 if quick else 2, loop=loop)
+    for task_set, loop, grid in grids:
+        name = "samplers" + ("" if loop == "host" else "_device") + ("" if task_set == "short" else "_long")
+        rows += bench_samplers.run(model_path=os.path.join(out, "sft", "model"), out=os.path.join(out, name),
+                                   grid=grid[:2] if quick else grid, prompts="tasks", task_set=task_set,
+                                   max_new_tokens=decode_eval.MAX_NEW[task_set], num_prompts=8 if quick else 32,
+                                   repeats=1 if quick else 2, loop=loop)
     ev["sft"] = ev_sft
     md = summary(sa, sb, ev, rows, t_train, time.perf_counter() - t0, sc)
     print(md, flush=True)
@@ -98,7 +103,7 @@ def main(args):
     return {"eval": ev, "samplers": rows}
 
 
-def record(sa, sb, sc, ev, rows, task_set: str = "short") -> dict:
+def record(sa, sb, sc, ev, rows) -> dict:
     """summary.json: every phase's summary, the evaluations and the sampler rows as measured, plus the figures a
     sweep compares: ``decode`` (one entry per decode row: sampler, batch, loop, task_set, tokens_per_forward per
     active row, same_as_ar) and ``convert.ar_loss_vs_control`` (the converted model's AR validation loss relative to
@@ -106,7 +111,8 @@ def record(sa, sb, sc, ev, rows, task_set: str = "short") -> dict:
     m, ctl = ev.get("model", {}), ev.get("control", {})
     vs_ctl = (m["ar_loss"] - ctl["ar_loss"]) / ctl["ar_loss"] if "ar_loss" in m and ctl.get("ar_loss") else None
     decode = [{"sampler": r.get("sampler"), "config": r.get("config"), "batch": r.get("batch"),
-               "loop": r.get("loop", "host"), "task_set": task_set, "tokens_per_forward": r.get("tokens_per_forward"),
+               "loop": r.get("loop", "host"), "task_set": r.get("task_set", "short"),
+               "tokens_per_forward": r.get("tokens_per_forward"),
                "same_as_ar": r.get("equal_ar")} for r in rows]
     return {"pretrain": sa, "convert": dict(sb, ar_loss_vs_control=vs_ctl), "sft": sc, "eval": ev, "samplers": rows,
             "decode": decode}
@@ -115,7 +121,8 @@ def record(sa, sb, sc, ev, rows, task_set: str = "short") -> dict:
 def check(rows) -> None:
     """The demo's own claims, asserted on whichever machine runs it (after the results are written): every row
     decodes greedily with a lossless rule, so each must give exactly AR's tokens."""
-    bad = [f"{r['config']} (batch {r['batch']}, {r.get('loop', 'host')} loop)" for r in rows
+    bad = [f"{r['config']} (batch {r['batch']}, {r.get('loop', 'host')} loop, {r.get('task_set', 'short')} tasks)"
+           for r in rows
            if r.get("equal_ar") is not True]
     if bad:
         raise SystemExit("zaya demo: greedy block decoding must reproduce AR's tokens, but these rows differ: "
@@ -170,13 +177,13 @@ def summary(sa, sb, ev, rows, t_train, t_total, sc=None) -> str:
               "bound: the speedup if every block were fully accepted; tokens/forward: generated tokens per forward "
               "per active row, i.e. a row is charged only the forwards that ran while it was still generating, so "
               "rows of a batch that finish early are not charged the batch's later forwards):", "",
-              "| sampler | batch | decode loop | tokens/forward | tokens/step | acceptance d1..d4 | "
+              "| tasks | sampler | batch | decode loop | tokens/forward | tokens/step | acceptance d1..d4 | "
               "speedup vs AR (wall) | bound: perfect drafts | same tokens as AR |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = " ".join(f"{x:.2f}" for x in (r.get("acceptance_per_position") or [])[:4])
         bound = f"{r['speedup_oracle']:.2f}x" if r.get("speedup_oracle") else "n/a"
-        lines.append(f"| {r['config']} | {r['batch']} | {r.get('loop', 'host')} | "
+        lines.append(f"| {r.get('task_set', 'short')} | {r['config']} | {r['batch']} | {r.get('loop', 'host')} | "
                      f"{r.get('tokens_per_forward', nan):.2f} | "
                      f"{r.get('tokens_per_step', nan):.2f} | {acc} | {r.get('speedup', nan):.2f}x | "
                      f"{bound} | {r.get('equal_ar')} |")
