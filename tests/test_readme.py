@@ -47,6 +47,8 @@ SUBSTITUTIONS = {
     "--workdir runs/": QUICK_TRAIN + "--workdir runs/",
     "--size-gb 0.5 --out runs/bench": "--quick --size-gb 0.02 --out runs/bench",
     "'tidar.alpha=0.5,1,2'": "'tidar.alpha=0.5,2'",   # two runs of the sweep
+    "--decode 8": "--decode 1",                         # one short and one long task prompt per run
+    "--control 'tidar.mode=ar'": "--control 'tidar.mode=ar' --config.eval.num_batches=1",  # the control's AR loss
 }
 
 _RECORD = r"""
@@ -163,5 +165,6 @@ def test_readme_blocks_run(tmp_path, fixtures_dir, monkeypatch, capsys):
                  "runs/b/model/tokenizer.json", "runs/abl/ablation.md"):
         assert (tmp_path / path).exists(), path
     assert "prompt [2, " in out and "tokens/forward" in out
-    assert (tmp_path / "runs" / "abl" / "ablation.md").read_text().count("\n") == 2 + 2  # one row per alpha
+    md = (tmp_path / "runs" / "abl" / "ablation.md").read_text()
+    assert md.count("\n") == 2 + 2 and "ar_vs_control" in md and "tpf_long" in md  # one row per alpha
     assert (tmp_path / "runs" / "bench" / "convert.md").exists()
