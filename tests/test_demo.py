@@ -9,31 +9,35 @@ EXP = os.path.join(os.path.dirname(__file__), "..", "experiments")
 
 
 def test_phases_share_the_decode_block_and_sft_masks_prompts():
-    a, b, c, ctl = demo.configs(quick=True)
-    assert a.tidar.mode == "ar" and b.tidar.mode == "tidar" and c.tidar.mode == "tidar"
-    assert b.tidar.block_size == c.tidar.block_size == demo.BLOCK == 16
-    assert c.tidar.prompt_masking and c.data.sft and c.data.source == "tasks"
+    a, b, c, d, ctl = demo.configs(quick=True)
+    assert a.tidar.mode == "ar" and b.tidar.mode == c.tidar.mode == d.tidar.mode == "tidar"
+    assert b.tidar.block_size == c.tidar.block_size == d.tidar.block_size == demo.BLOCK == 16
+    for x in (c, d):
+        assert x.tidar.prompt_masking and x.data.sft and x.data.source == "tasks" and "copy_long" in x.data.task_kinds
+    assert d.data.distill_from == "init" and not c.data.distill_from
 
 
 def test_demo_runs_the_experiments_demo_variants_with_the_recorded_hyper_parameters(tmp_path):
     """The demo's phases are experiments/*.py:demo, each started from the previous phase's model; the numbers are
     the ones experiments/results/demo_cpu.md was recorded with (seq 128, batch 8, steps, peak lr, warmup)."""
     from zaya.train import configs
-    a, b, c, ctl = demo.configs(quick=False, out=str(tmp_path))
+    a, b, c, d, ctl = demo.configs(quick=False, out=str(tmp_path))
     assert a.to_dict() == configs.load(os.path.join(EXP, "pretrain_ar.py:demo")).to_dict()
     assert b.init_from == ctl.init_from == str(tmp_path / "base" / "model")
     assert c.init_from == str(tmp_path / "tidar" / "model") and not a.init_from
+    assert d.init_from == str(tmp_path / "sft" / "model")
     got = [(x.num_steps, x.optim.lr, x.optim.warmup_steps, x.seq_len, x.batch_size, x.checkpoint.every_steps,
-            x.data.tasks_fraction) for x in (a, b, c)]
+            x.data.tasks_fraction) for x in (a, b, c, d)]
     assert got == [(900, 3e-3, 30, 128, 8, 300, 0.5), (700, 2e-3, 30, 128, 8, 233, 0.5),
-                   (1500, 2e-3, 30, 128, 8, 500, 0.0)]
+                   (1000, 2e-3, 30, 256, 4, 333, 0.0), (600, 2e-3, 30, 256, 4, 200, 0.0)]
     quick = demo.configs(quick=True)
-    assert [(x.num_steps, x.batch_size, x.optim.warmup_steps) for x in quick] == [(30, 4, 7)] * 4
+    assert [(x.num_steps, x.batch_size, x.optim.warmup_steps) for x in quick] == [(30, 4, 7)] * 2 + [(30, 2, 7)] * 2 + [
+        (30, 4, 7)]
 
 
 def test_control_matches_the_conversion_in_everything_but_the_objective():
     for quick in (True, False):
-        _, b, _, ctl = demo.configs(quick)
+        _, b, _, _, ctl = demo.configs(quick)
         assert ctl.tidar.mode == "ar" and b.tidar.mode == "tidar"
         with ctl.unlocked():
             ctl.tidar.mode = "tidar"

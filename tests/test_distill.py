@@ -44,7 +44,7 @@ def test_pipeline_distills_only_the_train_split_of_tasks(model_dir):
     assert len(plain) == len(dist) and plain.fingerprint() != dist.fingerprint()
     assert (pipeline.load_corpus(cfg, tok, "val").fingerprint()
             == pipeline.load_corpus(dict(cfg, distill_from=""), tok, "val").fingerprint())
-    with pytest.raises(DataError, match="source='tasks'"):
+    with pytest.raises(DataError, match="has no prompts"):
         pipeline.load_corpus(dict(cfg, source="shakespeare"), tok, "train")
     with pytest.raises(DataError, match="resolved by the trainer"):
         pipeline.load_corpus(dict(cfg, distill_from="init"), tok, "train")

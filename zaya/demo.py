@@ -23,21 +23,22 @@ BLOCK = recipe.DEMO_BLOCK  # training block = decode block (anchor mask + K draf
 
 
 def configs(quick: bool, out: str = "zaya_demo"):
-    """(pretrain, convert, sft, control) configs: ``experiments/{pretrain_ar,tidar_convert,diffusion_sft}.py:demo``
-    (``demo_quick``: ``quick``, every phase shrunk for tests), each phase starting from the previous one's model in
-    ``out``.
+    """(pretrain, convert, sft, distill, control) configs:
+    ``experiments/{pretrain_ar,tidar_convert,diffusion_sft,self_distill}.py:demo`` (``demo_quick``: ``quick``, every
+    phase shrunk for tests), each phase starting from the previous one's model in ``out``.
 
     control: the conversion's config with the AR loss alone (``tidar.mode=ar``), started from the base: the base
     trained on for as many steps as the conversion, same data and schedule, so "no degradation" is not credited to
     the extra steps."""
     from zaya.train.configs import load
     variant = "demo_quick" if quick else "demo"
+    at = lambda phase: [f"init_from={os.path.join(out, phase, 'model')}"]
     a = load(recipe.experiment("pretrain_ar", variant))
-    b = load(recipe.experiment("tidar_convert", variant), [f"init_from={os.path.join(out, 'base', 'model')}"])
-    c = load(recipe.experiment("diffusion_sft", variant), [f"init_from={os.path.join(out, 'tidar', 'model')}"])
-    ctl = load(recipe.experiment("tidar_convert", variant), [f"init_from={os.path.join(out, 'base', 'model')}",
-                                                             "tidar.mode=ar"])
-    return a, b, c, ctl
+    b = load(recipe.experiment("tidar_convert", variant), at("base"))
+    c = load(recipe.experiment("diffusion_sft", variant), at("tidar"))
+    d = load(recipe.experiment("self_distill", variant), at("sft"))
+    ctl = load(recipe.experiment("tidar_convert", variant), at("base") + ["tidar.mode=ar"])
+    return a, b, c, d, ctl
 
 
 def main(args):
@@ -45,32 +46,39 @@ def main(args):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     quick = bool(getattr(args, "quick", False))
-    cfg_a, cfg_b, cfg_c, cfg_ctl = configs(quick, out)
+    cfg_a, cfg_b, cfg_c, cfg_d, cfg_ctl = configs(quick, out)
     t0 = time.perf_counter()
-    print(f"[demo] 1/5 AR pretraining ({cfg_a.num_steps} steps) -> {out}/base", flush=True)
+    print(f"[demo] 1/6 AR pretraining ({cfg_a.num_steps} steps) -> {out}/base", flush=True)
     sa = train(cfg_a, os.path.join(out, "base"))
-    print(f"[demo] 2/5 TiDAR conversion ({cfg_b.num_steps} steps) -> {out}/tidar", flush=True)
+    print(f"[demo] 2/6 TiDAR conversion ({cfg_b.num_steps} steps, alpha {cfg_b.tidar.alpha:g}) -> {out}/tidar",
+          flush=True)
     sb = train(cfg_b, os.path.join(out, "tidar"))
     print(f"[demo]     control: AR continuation of the base, same {cfg_ctl.num_steps} steps -> {out}/base_ar_cont",
           flush=True)
     train(cfg_ctl, os.path.join(out, "base_ar_cont"))
-    print(f"[demo] 3/5 diffusion SFT on tasks ({cfg_c.num_steps} steps) -> {out}/sft", flush=True)
+    print(f"[demo] 3/6 diffusion SFT on short and long tasks ({cfg_c.num_steps} steps) -> {out}/sft", flush=True)
     sc = train(cfg_c, os.path.join(out, "sft"))
+    print(f"[demo] 4/6 self-distillation on the SFT model's own continuations ({cfg_d.num_steps} steps) -> "
+          f"{out}/distill", flush=True)
+    sd = train(cfg_d, os.path.join(out, "distill"))
     t_train = time.perf_counter() - t0
 
-    print("[demo] 4/5 evaluation", flush=True)
+    print("[demo] 5/6 evaluation", flush=True)
     from zaya.train import evaluate
+    n_tasks = 16 if quick else 64
     ev = evaluate.evaluate(os.path.join(out, "tidar", "model"), os.path.join(out, "base", "model"), data_cfg=cfg_b.data,
-                           seq_len=cfg_b.seq_len, tidar={"block_size": BLOCK}, num_tasks=16 if quick else 64,
-                           max_new_tokens=24)
+                           seq_len=cfg_b.seq_len, tidar={"block_size": BLOCK}, num_tasks=n_tasks, max_new_tokens=24)
     ev["control"] = evaluate.evaluate(os.path.join(out, "base_ar_cont", "model"), data_cfg=cfg_b.data,
-                                      seq_len=cfg_b.seq_len, tidar={"block_size": BLOCK},
-                                      num_tasks=16 if quick else 64, max_new_tokens=24)["model"]
-    ev_sft = evaluate.evaluate(os.path.join(out, "sft", "model"), data_cfg=cfg_c.data, seq_len=cfg_c.seq_len,
-                               tidar={"block_size": BLOCK, "prompt_masking": True}, num_tasks=16 if quick else 64,
-                               max_new_tokens=24)["model"]
+                                      seq_len=cfg_b.seq_len, tidar={"block_size": BLOCK}, num_tasks=n_tasks,
+                                      max_new_tokens=24)["model"]
+    for key, phase, cfg in (("sft", "sft", cfg_c), ("distill", "distill", cfg_d)):
+        # held-out tasks with their reference answers (the distilled model trained on its own continuations)
+        data = dict(cfg.data.to_dict(), distill_from="")
+        ev[key] = evaluate.evaluate(os.path.join(out, phase, "model"), data_cfg=data, seq_len=cfg.seq_len,
+                                    tidar={"block_size": BLOCK, "prompt_masking": True}, num_tasks=n_tasks,
+                                    max_new_tokens=24)["model"]
 
-    print("[demo] 5/5 block samplers vs AR on held-out tasks", flush=True)
+    print("[demo] 6/6 block samplers vs AR on held-out short and long tasks", flush=True)
     from zaya.bench import samplers as bench_samplers
     from zaya.train import decode_eval
     K = BLOCK - 1
@@ -88,22 +96,21 @@ def main(args):
     rows = []
     for task_set, loop, grid in grids:
         name = "samplers" + ("" if loop == "host" else "_device") + ("" if task_set == "short" else "_long")
-        rows += bench_samplers.run(model_path=os.path.join(out, "sft", "model"), out=os.path.join(out, name),
+        rows += bench_samplers.run(model_path=os.path.join(out, "distill", "model"), out=os.path.join(out, name),
                                    grid=grid[:2] if quick else grid, prompts="tasks", task_set=task_set,
                                    max_new_tokens=decode_eval.MAX_NEW[task_set], num_prompts=8 if quick else 32,
                                    repeats=1 if quick else 2, loop=loop)
-    ev["sft"] = ev_sft
-    md = summary(sa, sb, ev, rows, t_train, time.perf_counter() - t0, sc)
+    md = summary(sa, sb, ev, rows, t_train, time.perf_counter() - t0, sc, sd)
     print(md, flush=True)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(record(sa, sb, sc, ev, rows), f, indent=2, default=str)
+        json.dump(record(sa, sb, sc, ev, rows, sd), f, indent=2, default=str)
     check(rows)
     return {"eval": ev, "samplers": rows}
 
 
-def record(sa, sb, sc, ev, rows) -> dict:
+def record(sa, sb, sc, ev, rows, sd=None) -> dict:
     """summary.json: every phase's summary, the evaluations and the sampler rows as measured, plus the figures a
     sweep compares: ``decode`` (one entry per decode row: sampler, batch, loop, task_set, tokens_per_forward per
     active row, same_as_ar) and ``convert.ar_loss_vs_control`` (the converted model's AR validation loss relative to
@@ -114,8 +121,8 @@ def record(sa, sb, sc, ev, rows) -> dict:
                "loop": r.get("loop", "host"), "task_set": r.get("task_set", "short"),
                "tokens_per_forward": r.get("tokens_per_forward"),
                "same_as_ar": r.get("equal_ar")} for r in rows]
-    return {"pretrain": sa, "convert": dict(sb, ar_loss_vs_control=vs_ctl), "sft": sc, "eval": ev, "samplers": rows,
-            "decode": decode}
+    return {"pretrain": sa, "convert": dict(sb, ar_loss_vs_control=vs_ctl), "sft": sc, "distill": sd, "eval": ev,
+            "samplers": rows, "decode": decode}
 
 
 def check(rows) -> None:
@@ -144,21 +151,24 @@ METRICS = [("AR validation loss", "ar_loss", ".4f"), ("task exact match (greedy 
            ]  # (label, eval key, format)
 
 
-def summary(sa, sb, ev, rows, t_train, t_total, sc=None) -> str:
+def summary(sa, sb, ev, rows, t_train, t_total, sc=None, sd=None) -> str:
     m, b, f, ctl = ev["model"], ev.get("base", {}), ev.get("sft", {}), ev.get("control", {})
+    dd = ev.get("distill", {})
     nan = float("nan")
     rel = (m["ar_loss"] - b["ar_loss"]) / b["ar_loss"] * 100 if b else nan
     rel_ctl = (m["ar_loss"] - ctl["ar_loss"]) / ctl["ar_loss"] * 100 if ctl else nan
-    sft_steps = f", diffusion SFT {sc['steps']} steps" if sc else ""
+    sft_steps = (f", diffusion SFT {sc['steps']} steps" if sc else "") + (
+        f", self-distillation {sd['steps']} steps" if sd else "")
     lines = ["# zaya demo", "",
              f"Training: pretrain {sa['steps']} steps, convert {sb['steps']} steps{sft_steps}, "
              f"{sa.get('tokens_per_s') or 0:.0f} / {sb.get('tokens_per_s') or 0:.0f} tokens/s; "
              f"wall {t_train:.0f}s (total {t_total:.0f}s) on {sa['device']}.", "",
              "AR base and TiDAR-converted on the pretraining mixture's held-out split (Shakespeare + tasks); the SFT "
-             "model on held-out tasks (its data).", "",
-             "| | AR base | TiDAR-converted | + diffusion SFT (tasks) |", "|---|---|---|---|"]
+             "and self-distilled models on held-out short and long tasks with their reference answers (task exact "
+             "match: short tasks).", "",
+             "| | AR base | TiDAR-converted | + diffusion SFT (tasks) | + self-distillation |", "|---|---|---|---|---|"]
     for label, key, fmt in METRICS:
-        cells = [_first(r) if key == "first" else r.get(key, nan) for r in (b, m, f)]
+        cells = [_first(r) if key == "first" else r.get(key, nan) for r in (b, m, f, dd)]
         text = [format(x, fmt) for x in cells]
         if key == "ar_loss":
             text[1] += f" ({rel:+.2f}%)"
@@ -166,11 +176,13 @@ def summary(sa, sb, ev, rows, t_train, t_total, sc=None) -> str:
     lines += ["",
               "Diffusion accuracy per block position, converted: " +
               ", ".join(f"{x:.2f}" for x in m.get("diff_acc_per_pos", [])) +
-              "; after SFT (tasks): " + ", ".join(f"{x:.2f}" for x in f.get("diff_acc_per_pos", [])), "",
+              "; after SFT (tasks): " + ", ".join(f"{x:.2f}" for x in f.get("diff_acc_per_pos", [])) +
+              "; self-distilled: " + ", ".join(f"{x:.2f}" for x in dd.get("diff_acc_per_pos", [])), "",
               f"Equal-compute control (the base trained {sb['steps']} more steps with the AR loss alone): AR "
               f"validation loss {ctl.get('ar_loss', nan):.4f}; the converted model is {rel_ctl:+.2f}% against it "
               f"({rel:+.2f}% against the base).", "",
-              "Block samplers vs AR on held-out tasks (SFT model, greedy, rows stop at EOS; tokens/forward: tokens the "
+              "Block samplers vs AR on held-out tasks (self-distilled model, greedy, rows stop at EOS; short answers "
+              "1-8 tokens, long 20-100; tokens/forward: tokens the "
               "decode forwards produced per forward, the first token of each row coming from the prefill logits for "
               "every sampler, so AR = 1.00; TF = 2 forwards per step; decode loop: "
               "host = one dispatch and sync per step, device = one lax.while_loop, both for AR and the sampler; "

@@ -38,7 +38,7 @@ DEFAULTS = dict(
     task_kinds=",".join(tasks.KINDS),  # comma-separated (a tuple works too)
     num_tasks=20000,  # examples generated for source='tasks'
     tasks_seed=0,  # the generated task set (independent of the shuffle seed)
-    distill_from="",  # source 'tasks': a model folder whose greedy continuations replace the train split's answers
+    distill_from="",  # a model folder whose greedy continuations replace the train split's responses (prompts needed)
     # (self-distillation, zaya.data.distill); 'init': the run's init_from
     task_max_len=8,  # longest string of the copy/reverse/sort/brackets tasks (zaya.data.tasks.generate max_len)
     num_epochs=None,  # None: repeat forever
@@ -134,9 +134,9 @@ def load_corpus(data_cfg, tokenizer: Tokenizer, split: str = "train") -> packing
                                       shakespeare_unit=c["shakespeare_unit"])
     docs = _split(docs, c["val_fraction"], split)
     if c["distill_from"] and split == "train":
-        if c["source"] != "tasks":
-            raise DataError(f"data.distill_from needs data.source='tasks' (prompts to continue), got "
-                            f"{c['source']!r}")
+        if not any(d.prompt for d in docs):
+            raise DataError(f"data.distill_from needs prompt/response documents to continue (source 'tasks', or "
+                            f"'jsonl:...' with jsonl_fields=prompt,response); {c['source']!r} has no prompts")
         if c["distill_from"] == "init":
             raise DataError("data.distill_from='init' is resolved by the trainer (the run's init_from); pass a model "
                             "folder when building the data yourself")
