@@ -313,3 +313,19 @@ def test_ablation_runner_control_then_phase_decode_columns_and_seeds(tmp_path):
     assert len(decoded) == n
     assert ablate.split_overrides([("then.a", "1"), ("tidar.b", "2"), ("seed", "3"), ("c", "4")]) == (
         [("tidar.b", "2"), ("seed", "3"), ("c", "4")], [("a", "1"), ("tidar.b", "2"), ("seed", "3")])
+
+
+def test_ablation_runner_reuses_a_finished_run_of_the_same_config(tmp_path):
+    from zaya.train import ablate
+    from zaya.train.loop import _jsonable_cfg
+    cfg = configs.load(os.path.join(EXP, "tidar_convert.py:tiny"), [("init_from", "/x")])
+    wd = tmp_path / "r"
+    (wd / "model").mkdir(parents=True)
+    (wd / "config.json").write_text(_jsonable_cfg(cfg))
+    (wd / "summary.json").write_text(json.dumps({"steps": cfg.num_steps, "eval": {"ar_loss": 1.5}}))
+    never = lambda c, w: pytest.fail("a finished run was trained again")
+    assert ablate._train_or_reuse(never, cfg, str(wd))["eval"]["ar_loss"] == 1.5
+    other = configs.load(os.path.join(EXP, "tidar_convert.py:tiny"), [("init_from", "/x"), ("tidar.alpha", "2")])
+    assert ablate._train_or_reuse(lambda c, w: "trained", other, str(wd)) == "trained"   # another config: trains
+    (wd / "summary.json").write_text(json.dumps({"steps": cfg.num_steps - 1}))
+    assert ablate._train_or_reuse(lambda c, w: "trained", cfg, str(wd)) == "trained"     # unfinished: resumes

@@ -211,16 +211,17 @@ def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=()
     control_loss = {}
     for seed, cfg in controls.items():
         name = "control" if seed == "0" else f"control_seed={seed}"
-        control_loss[seed] = (train_fn(cfg, os.path.join(workdir, name)).get("eval") or {}).get("ar_loss")
+        control_loss[seed] = (_train_or_reuse(train_fn, cfg, os.path.join(workdir, name)).get("eval") or {}).get(
+            "ar_loss")
     rows = []
     for name, ov, cfg in runs:
         t0 = time.perf_counter()
         wd = os.path.join(workdir, name)
-        summary = train_fn(cfg, wd)
+        summary = _train_or_reuse(train_fn, cfg, wd)
         then_summary, final, last = None, os.path.join(wd, "model"), cfg
         if then:
             last = _then_cfg(then, common, ov, argv, final)
-            then_summary = train_fn(last, os.path.join(wd, "then"))
+            then_summary = _train_or_reuse(train_fn, last, os.path.join(wd, "then"))
             final = os.path.join(wd, "then", "model")
         row = row_of(name, ov, summary, then_summary)
         base = control_loss.get(str(cfg.seed))
@@ -244,6 +245,23 @@ def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=()
     with open(os.path.join(workdir, "ablation.json"), "w") as f:
         json.dump(rows, f, indent=2)
     return rows
+
+
+def _train_or_reuse(train_fn, cfg, wd: str) -> dict:
+    """A run whose workdir already holds a finished run of this very config (its config.json and a summary.json at
+    ``num_steps``) is not started again: its summary is reused (a rerun of a sweep, e.g. to add rows, costs nothing
+    for the finished ones). Anything else trains, or resumes from the workdir's latest checkpoint."""
+    from zaya.train.loop import _jsonable_cfg
+    try:
+        with open(os.path.join(wd, "config.json")) as f:
+            same = f.read() == _jsonable_cfg(cfg)
+        with open(os.path.join(wd, "summary.json")) as f:
+            summary = json.load(f)
+        if same and summary.get("steps") == cfg.num_steps and os.path.isdir(os.path.join(wd, "model")):
+            return summary
+    except (OSError, ValueError):
+        pass
+    return train_fn(cfg, wd)
 
 
 def _decoded(run_dir: str, model_dir: str, tidar: dict, n: int, decode_fn) -> dict:
