@@ -1,11 +1,13 @@
 """``zaya demo``: the whole recipe on a laptop-sized model, CPU only, in minutes.
 
   1. AR-pretrain a tiny ZAYA-architecture MoE on the embedded Shakespeare corpus + generated tasks (bytes)
-  2. convert it with the TiDAR objective (clean causal half + mask blocks of 16, alpha = 1); as a control, continue
-     the base with the AR loss alone for the same steps and schedule (equal compute)
-  3. diffusion SFT on the generated task set (prompt-masked TiDAR objective), the recipe's last phase
-  4. evaluate: AR validation loss of base vs converted, per-position diffusion accuracy, task exact match
-  5. decode held-out tasks with the AR baseline and the block samplers (greedy, lossless), side by side
+  2. convert it with the TiDAR objective (clean causal half + mask blocks of 16, AR weight alpha = 3); as a control,
+     continue the base with the AR loss alone for the same steps and schedule (equal compute)
+  3. diffusion SFT on generated tasks with short and long answers (prompt-masked TiDAR objective)
+  4. self-distillation: the SFT model trained on its own greedy continuations of the task prompts
+  5. evaluate: AR validation loss of base vs converted vs control, per-position diffusion accuracy, task exact match
+  6. decode held-out short- and long-answer tasks with the AR baseline and the block samplers (greedy, lossless),
+     side by side
 
 Everything lands in ``--out``: checkpoints, TensorBoard logs, metrics, plots and ``summary.md`` (also printed).
 The decoding block is 16 mask tokens, matching the training blocks: one anchor mask at the bonus position and
