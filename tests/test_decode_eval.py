@@ -29,7 +29,7 @@ def test_task_prompts_come_from_the_held_out_split_of_each_set():
 def test_decode_tasks_is_lossless_and_counts_per_active_row(tmp_path):
     c = zaya.preset("tiny", num_layers=1, **BYTES)
     checkpoint.save(str(tmp_path / "m"), init(c, jax.random.PRNGKey(0), std=0.3), c)
-    r = decode_eval.decode_tasks(str(tmp_path / "m"), {"block_size": 4}, num_prompts=3, task_sets=("short",),
+    r = decode_eval.decode_tasks(str(tmp_path / "m"), {"block_size": 4}, num_prompts=2, task_sets=("short",),
                                  batch=2)
     assert set(r) == {"tpf_short", "same_as_ar_short", "acc_short"}
     assert r["same_as_ar_short"] == 1.0                      # greedy + lossless = AR's tokens, random weights or not
