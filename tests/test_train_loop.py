@@ -324,8 +324,13 @@ def test_ablation_runner_reuses_a_finished_run_of_the_same_config(tmp_path):
     (wd / "config.json").write_text(_jsonable_cfg(cfg))
     (wd / "summary.json").write_text(json.dumps({"steps": cfg.num_steps, "eval": {"ar_loss": 1.5}}))
     never = lambda c, w: pytest.fail("a finished run was trained again")
-    assert ablate._train_or_reuse(never, cfg, str(wd))["eval"]["ar_loss"] == 1.5
+    assert ablate._train_or_reuse(never, cfg, str(wd)) == {"steps": cfg.num_steps, "eval": {"ar_loss": 1.5},
+                                                           "reused": True}
+    assert ablate._wall(str(wd), 12.5, reused=False) == 12.5 and ablate._wall(str(wd), 0.01, reused=True) == 12.5
+    assert ablate._wall(str(tmp_path), 0.01, reused=True) is None     # never recorded: unknown, not 0.01
     other = configs.load(os.path.join(EXP, "tidar_convert.py:tiny"), [("init_from", "/x"), ("tidar.alpha", "2")])
-    assert ablate._train_or_reuse(lambda c, w: "trained", other, str(wd)) == "trained"   # another config: trains
+    with pytest.raises(configs.ConfigError, match=r"another config \(tidar.alpha: 1.0 -> 2.0\)"):
+        ablate._train_or_reuse(never, other, str(wd))           # never resumed into a run of another config
+    assert ablate._train_or_reuse(lambda c, w: "trained", other, str(tmp_path / "fresh")) == "trained"
     (wd / "summary.json").write_text(json.dumps({"steps": cfg.num_steps - 1}))
     assert ablate._train_or_reuse(lambda c, w: "trained", cfg, str(wd)) == "trained"     # unfinished: resumes

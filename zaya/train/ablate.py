@@ -229,7 +229,8 @@ def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=()
             row["ar_vs_control"] = row["eval_ar_loss"] / base - 1
         if decode:
             row.update(_decoded(wd, final, dict(last.tidar), decode, decode_fn))
-        row["wall_s"] = time.perf_counter() - t0
+        row["wall_s"] = _wall(wd, time.perf_counter() - t0,
+                              reused=summary.get("reused") and (not then or then_summary.get("reused")))
         rows.append(row)
     write_table(rows, workdir)
     wd = {n: os.path.join(workdir, n) for n in names}
@@ -247,21 +248,53 @@ def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=()
     return rows
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _train_or_reuse(train_fn, cfg, wd: str) -> dict:
     """A run whose workdir already holds a finished run of this very config (its config.json and a summary.json at
     ``num_steps``) is not started again: its summary is reused (a rerun of a sweep, e.g. to add rows, costs nothing
-    for the finished ones). Anything else trains, or resumes from the workdir's latest checkpoint."""
+    for the finished ones). A workdir holding a run of another config is refused (resuming it would silently mix two
+    configs in one row); anything else trains, or resumes from the workdir's latest checkpoint."""
     from zaya.train.loop import _jsonable_cfg
+    want = _jsonable_cfg(cfg)
     try:
         with open(os.path.join(wd, "config.json")) as f:
-            same = f.read() == _jsonable_cfg(cfg)
+            have = f.read()
+    except OSError:
+        return train_fn(cfg, wd)
+    if have != want:
+        old, new = _flat(json.loads(have)), _flat(json.loads(want))
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise configs.ConfigError(f"{wd} holds a run of another config ({'; '.join(diff[:6])}); delete that folder "
+                                  "or give the sweep another --workdir")
+    try:
         with open(os.path.join(wd, "summary.json")) as f:
             summary = json.load(f)
-        if same and summary.get("steps") == cfg.num_steps and os.path.isdir(os.path.join(wd, "model")):
-            return summary
+        if summary.get("steps") == cfg.num_steps and os.path.isdir(os.path.join(wd, "model")):
+            return dict(summary, reused=True)
     except (OSError, ValueError):
         pass
     return train_fn(cfg, wd)
+
+
+def _wall(run_dir: str, seconds: float, reused: bool) -> float | None:
+    """A row's wall time (its phases and decoding), kept in RUN/wall.json: a rerun that reuses finished phases reports
+    the time they took when they ran (None if that was never recorded), not the time it took to reuse them."""
+    from zaya.fileio import atomic_write_text
+    path = os.path.join(run_dir, "wall.json")
+    if reused:
+        try:
+            with open(path) as f:
+                return json.load(f)["wall_s"]
+        except (OSError, ValueError, KeyError):
+            return None
+    atomic_write_text(path, json.dumps({"wall_s": seconds}))
+    return seconds
 
 
 def _decoded(run_dir: str, model_dir: str, tidar: dict, n: int, decode_fn) -> dict:
