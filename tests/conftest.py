@@ -95,7 +95,10 @@ def bpe_tokenizer(path, texts):
 # full run): SIGSEGV inside XLA:CPU's compile (jax compiler.backend_compile_and_load) of a program jitted with
 # zaya.train.step.FAST_COMPILE's options (tests/test_train_step.py _state); the second (a clean-clone CI run) in the
 # compile of tests/test_sharding.py's programs with {"xla_backend_optimization_level": 0} alone. The earlier crashes
-# were in tests whose programs use that option too: suspect XLA:CPU at optimization level 0 first.
+# were in tests whose programs use that option too: suspect XLA:CPU at optimization level 0 first. The third (a
+# clean-clone CI run, 2026-12-05 stop 18) weakens that: SIGSEGV in the compile of zaya.generate's AOT executable
+# (tests/test_samplers_trained.py), default options. What the three share: an XLA:CPU compile, while the other worker
+# compiles too.
 
 @pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin, which points it at stderr
 def pytest_configure(config):
