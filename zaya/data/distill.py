@@ -6,9 +6,10 @@ continuation the model would write itself is the diffusion target that acceptanc
 
   continuations(docs, model_dir, tokenizer) -> the same prompts with response = the model's greedy continuation
 
-A continuation ends at the model's EOS (dropped: tokenization appends EOS again) or at the budget (the longest
-reference answer of its batch plus 8 tokens, rounded up to a multiple of 32, so a continuation is never cut shorter than the answer it replaces;
-prompts are batched by length); one without EOS keeps its budget's tokens. Documents without a prompt are kept unchanged.
+A continuation ends at the model's EOS (dropped: tokenization appends EOS again) or at the budget: the longest
+reference answer of its batch plus 8 tokens, rounded up to a multiple of 32 (prompts are batched by length), so a
+continuation is never cut shorter than the answer it replaces. One without EOS keeps its budget's tokens. Documents
+without a prompt are kept unchanged.
 """
 from __future__ import annotations
 

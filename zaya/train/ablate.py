@@ -176,9 +176,8 @@ def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
 
 
 def _then_cfg(then: str, common, ov, argv, init_from: str):
-    first_common, then_common = split_overrides(common)
-    _, then_ov = split_overrides(ov)
-    return configs.load(then, then_common + then_ov + [("init_from", init_from)],
+    _, then_ov = split_overrides(list(common) + list(ov))
+    return configs.load(then, then_ov + [("init_from", init_from)],
                         [a for a in argv if a.startswith(tuple(f"--config.{p}" for p in BOTH_PHASES))])
 
 
@@ -269,7 +268,8 @@ def _train_or_reuse(train_fn, cfg, wd: str) -> dict:
         return train_fn(cfg, wd)
     if have != want:
         old, new = _flat(json.loads(have)), _flat(json.loads(want))
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
         raise configs.ConfigError(f"{wd} holds a run of another config ({'; '.join(diff[:6])}); delete that folder "
                                   "or give the sweep another --workdir")
     try:

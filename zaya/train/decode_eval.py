@@ -33,12 +33,10 @@ def sampler_for(tidar: dict) -> dict:
 
 
 def task_prompts(task_set: str, n: int, seed: int = 0) -> list[list[int]]:
-    """``n`` held-out task prompts of ``task_set`` ('short' or 'long'), byte ids with BOS first."""
-    from zaya.data import tasks
-    from zaya.data.tokenizer import ByteTokenizer
-    tok = ByteTokenizer()
-    items = tasks.generate(n, seed=seed, kinds=tasks.kinds_of(task_set), split="val")
-    return [[tok.bos_id] + tok.encode(t["prompt"]) for t in items]
+    """``n`` held-out task prompts of ``task_set`` ('short' or 'long'), byte ids with BOS first: the prompts
+    ``zaya bench samplers`` and the demo decode."""
+    from zaya.bench.samplers import make_prompts
+    return make_prompts(None, n, "tasks", seed, task_set=task_set)[0]
 
 
 def decode_tasks(model, tidar: dict, num_prompts: int = 32, task_sets=("short", "long"), batch: int = 8,
