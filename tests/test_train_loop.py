@@ -3,6 +3,7 @@ resumes after ``kill -9`` (during an async save, and between checkpoints) with e
 trajectory, one log record per step and the newest N checkpoints; evaluation and the ablation runner."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,6 +210,45 @@ def test_kill9_resume_reproduces_losses_from_converted_checkpoint(converted):
     pa, pb = zaya.load(os.path.join(full, "model")).params, zaya.load(os.path.join(killed, "model")).params
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_a_workdir_of_another_experiment_is_refused_before_anything_is_touched(pretrained):
+    """Rerunning a workdir under another config (here the seed) stops at the start-up checks with the differing
+    fields listed; its logs and config.json are left as they were (the old behaviour: resume, rewrite the config)."""
+    from zaya.train.loop import train
+    from zaya.train.resume import ResumeConflict
+    wd, _ = pretrained
+    files = ("config.json", "metrics.jsonl", "eval.jsonl")
+    before = {f: open(os.path.join(wd, f)).read() for f in files}
+    cfg = configs.load(os.path.join(EXP, "pretrain_ar.py:tiny"),
+                       ["num_steps=30", "optim.warmup_steps=3", "checkpoint.every_steps=15", "eval.every_steps=15",
+                        "eval.num_batches=1", "seed=1", *QUIET])
+    with pytest.raises(ResumeConflict, match=r"checkpoints/30 was trained under another experiment \(seed: 0 -> 1\)"):
+        train(cfg, wd)
+    assert {f: open(os.path.join(wd, f)).read() for f in files} == before
+
+
+def test_resume_follows_the_init_models_contents_not_its_path(pretrained, converted, tmp_path):
+    """The conversion's workdir resumes (here: is rerun, finished) from a copy of its init model at another path,
+    and is refused once that model's contents change (retrained)."""
+    from zaya.train.loop import train
+    from zaya.train.resume import ResumeConflict
+    wd_a, _ = pretrained
+    full, _, _ = converted
+    copy = str(tmp_path / "model")
+    shutil.copytree(os.path.join(wd_a, "model"), copy)
+    ov = ["num_steps=6", "checkpoint.every_steps=2", "checkpoint.keep=2", "optim.warmup_steps=1",
+          "eval.num_batches=0", "log.plots=false", *QUIET]
+    cfg = configs.load(os.path.join(EXP, "tidar_convert.py:tiny"), [f"init_from={copy}", *ov])
+    assert train(cfg, full)["resumed_from"] == 6
+    big = max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(copy, "params")) for f in fs),
+              key=os.path.getsize)
+    data = bytearray(open(big, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    with open(big, "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(ResumeConflict, match="its contents changed since this run started"):
+        train(cfg, full)
 
 
 def test_evaluate_model_against_base(pretrained, tmp_path):

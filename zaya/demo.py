@@ -22,6 +22,9 @@ import time
 from zaya.train import recipe
 
 BLOCK = recipe.DEMO_BLOCK  # training block = decode block (anchor mask + K drafts)
+# what may differ when a rerun of the demo resumes or reuses a phase's folder: how it is logged, checkpointed and laid
+# out, not the experiment nor its length
+STALE_OK = ("log.", "checkpoint.", "eval.", "impl.", "mesh.", "sharding_rules", "notes", "export_model")
 
 
 def configs(quick: bool, out: str = "zaya_demo"):
@@ -43,8 +46,23 @@ def configs(quick: bool, out: str = "zaya_demo"):
     return a, b, c, d, ctl
 
 
-def main(args):
+def _phase(cfg, workdir: str) -> dict:
+    """Train (or resume, or reuse the finished) phase in ``workdir``. A folder left by another version of the demo
+    (another config, or trained from a since-retrained previous phase) is moved aside to ``workdir.stale-N``, never
+    deleted, and the phase trains afresh."""
+    from zaya.train import resume
     from zaya.train.loop import train
+    why = resume.stale(cfg, workdir, allow=STALE_OK)
+    if why:
+        moved = resume.move_aside(workdir)
+        more = f" and {len(why) - 1} more" if len(why) > 1 else ""
+        print(f"[demo]     {workdir} holds a run of another demo version ({why[0]}{more}): moved to {moved}",
+              flush=True)
+    return train(cfg, workdir)
+
+
+def main(args):
+    train = _phase
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     quick = bool(getattr(args, "quick", False))

@@ -247,13 +247,6 @@ def ablate(spec: str, workdir: str, sets: list[list[tuple[str, str]]], common=()
     return rows
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _train_or_reuse(train_fn, cfg, wd: str) -> dict:
     """A run whose workdir already holds a finished run of this very config (its config.json and a summary.json at
     ``num_steps``) is not started again: its summary is reused (a rerun of a sweep, e.g. to add rows, costs nothing
@@ -267,9 +260,8 @@ def _train_or_reuse(train_fn, cfg, wd: str) -> dict:
     except OSError:
         return train_fn(cfg, wd)
     if have != want:
-        old, new = _flat(json.loads(have)), _flat(json.loads(want))
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)]
+        from zaya.train.resume import config_diff
+        diff = config_diff(json.loads(have), json.loads(want))
         raise configs.ConfigError(f"{wd} holds a run of another config ({'; '.join(diff[:6])}); delete that folder "
                                   "or give the sweep another --workdir")
     try:

@@ -8,7 +8,8 @@
 Running again on the same workdir resumes from the latest checkpoint (params, optimizer, data-iterator state, rng
 and step), so the loss trajectory equals an uninterrupted run. Start-up checks fail before any compute: the
 config (``configs.validate``), the tokenizer against the model vocab, the corpus (empty -> error), ``init_from``
-shapes against the model config, and a resumed checkpoint against the model and optimizer config.
+shapes against the model config, and a resumed checkpoint against the model and optimizer config and against the
+experiment (``resume.py``: a folder left by another config, or by a run from a since-retrained init, is refused).
 
 Fault injection (``tests/test_train_loop.py``) goes through two callbacks of ``train``: ``after_step(step, run)``
 runs after each step (its metrics logged, its checkpoint save issued), ``before_commit(step)`` inside each async
@@ -30,7 +31,7 @@ from zaya.config import ConfigError, ZayaConfig
 from zaya.model.params import init as init_params, param_shapes
 from zaya.model.transformer import Impl
 from zaya.progress import tqdm
-from zaya.train import configs, evaluate, logs, plots
+from zaya.train import configs, evaluate, logs, plots, resume
 from zaya.train import state as st
 from zaya.train.checkpoint import Checkpoints, check_meta, make_meta
 from zaya.train.optim import make_optimizer
@@ -153,6 +154,7 @@ class Run:
          self.impl, self.step_fn) = step_setup(cfg, loss_fn)
         self.loss_fn = loss_fn
         self.tok = check_inputs(cfg, self.model_cfg)
+        self.init_stamp = resume.model_stamp(resolve_model_dir(cfg.init_from)) if cfg.init_from else None
         import grain
         from zaya.data import pipeline
         self.shard = grain.sharding.ShardOptions(*batch_shard(self.mesh, self.dp))  # this process's batch rows
@@ -167,7 +169,9 @@ class Run:
         ab = st.abstract_state(self.model_cfg, self.optimizer)
         if latest is not None:
             where = f"checkpoint {self.ckpt.directory}/{latest}"
-            check_meta(self.ckpt.read_meta(latest), self.model_cfg, ab.opt_state, where)
+            meta = self.ckpt.read_meta(latest)
+            check_meta(meta, self.model_cfg, ab.opt_state, where)
+            resume.check(meta, json.loads(self.cfg.to_json()), self.init_stamp, where)
             target = st.with_shardings(ab.as_dict(), self.state_sh.as_dict())
             d, data_state = self.ckpt.restore(latest, target)
             self.train_iter.set_state(data_state)
@@ -184,7 +188,8 @@ class Run:
         return create(params), 0
 
     def meta(self, step: int, state) -> dict:
-        return make_meta(self.model_cfg, state.opt_state, step, {"config": json.loads(self.cfg.to_json())})
+        return make_meta(self.model_cfg, state.opt_state, step, {"config": json.loads(self.cfg.to_json()),
+                                                                  "init_stamp": self.init_stamp})
 
 
 def _jsonable_cfg(cfg) -> str:
