@@ -97,8 +97,10 @@ def bpe_tokenizer(path, texts):
 # compile of tests/test_sharding.py's programs with {"xla_backend_optimization_level": 0} alone. The earlier crashes
 # were in tests whose programs use that option too: suspect XLA:CPU at optimization level 0 first. The third (a
 # clean-clone CI run, 2026-12-05 stop 18) weakens that: SIGSEGV in the compile of zaya.generate's AOT executable
-# (tests/test_samplers_trained.py), default options. What the three share: an XLA:CPU compile, while the other worker
-# compiles too.
+# (tests/test_samplers_trained.py), default options. The fourth (a local full run, 2026-12-05 stop 19, no other load)
+# too: zaya.generate's AOT compile (tests/test_samplers.py test_lossless_samplers_match_ar_distribution), default
+# options, under the persistent compilation cache's _compile_and_write_cache. What the four share: an XLA:CPU
+# compile, while the other worker compiles too.
 
 @pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin, which points it at stderr
 def pytest_configure(config):
