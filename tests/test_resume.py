@@ -49,6 +49,8 @@ def test_conflicts_judge_the_init_model_by_stamp_when_both_are_known():
     assert resume.conflicts({"config": meta["config"]}, {"seed": 0, "init_from": "/b/model", "num_steps": 10},
                             "s1") == ["init_from: '/a/model' -> '/b/model'"]
     assert resume.conflicts({}, {"seed": 1}, None) == []  # no recorded config: not judged
+    # the init model deleted since (no stamp now): judged by its path, so a resume in place still works
+    assert resume.conflicts(meta, {"seed": 0, "init_from": "/a/model", "num_steps": 10}, None) == []
     with pytest.raises(resume.ResumeConflict, match=r"seed: 0 -> 1.*fresh workdir"):
         resume.check(meta, {"seed": 1, "init_from": "/a/model", "num_steps": 10}, "s1", "checkpoint X/10")
 

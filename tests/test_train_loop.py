@@ -252,6 +252,9 @@ def test_resume_follows_the_init_models_contents_not_its_path(pretrained, conver
         f.write(bytes(data))
     with pytest.raises(ResumeConflict, match="its contents changed since this run started"):
         train(cfg, full)
+    shutil.rmtree(copy)  # a deleted init model cannot be read: judged by its path, which is not the recorded one
+    with pytest.raises(ResumeConflict, match=r"\(init_from: '.*pretrain.*/model' -> '.*/model'\)"):
+        train(cfg, full)
 
 
 def test_evaluate_model_against_base(pretrained, tmp_path):
