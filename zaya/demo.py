@@ -22,9 +22,6 @@ import time
 from zaya.train import recipe
 
 BLOCK = recipe.DEMO_BLOCK  # training block = decode block (anchor mask + K drafts)
-# what may differ when a rerun of the demo resumes or reuses a phase's folder: how it is logged, checkpointed and laid
-# out, not the experiment nor its length
-STALE_OK = ("log.", "checkpoint.", "eval.", "impl.", "mesh.", "sharding_rules", "notes", "export_model")
 
 
 def configs(quick: bool, out: str = "zaya_demo"):
@@ -49,10 +46,11 @@ def configs(quick: bool, out: str = "zaya_demo"):
 def _phase(cfg, workdir: str) -> dict:
     """Train (or resume, or reuse the finished) phase in ``workdir``. A folder left by another version of the demo
     (another config, or trained from a since-retrained previous phase) is moved aside to ``workdir.stale-N``, never
-    deleted, and the phase trains afresh."""
+    deleted, and the phase trains afresh. What may differ on a rerun: how it is logged, checkpointed and laid out
+    (``resume.PHASE_RESUMABLE``), not the experiment nor its length."""
     from zaya.train import resume
     from zaya.train.loop import train
-    why = resume.stale(cfg, workdir, allow=STALE_OK)
+    why = resume.stale(cfg, workdir)
     if why:
         moved = resume.move_aside(workdir)
         more = f" and {len(why) - 1} more" if len(why) > 1 else ""
@@ -62,25 +60,24 @@ def _phase(cfg, workdir: str) -> dict:
 
 
 def main(args):
-    train = _phase
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     quick = bool(getattr(args, "quick", False))
     cfg_a, cfg_b, cfg_c, cfg_d, cfg_ctl = configs(quick, out)
     t0 = time.perf_counter()
     print(f"[demo] 1/6 AR pretraining ({cfg_a.num_steps} steps) -> {out}/base", flush=True)
-    sa = train(cfg_a, os.path.join(out, "base"))
+    sa = _phase(cfg_a, os.path.join(out, "base"))
     print(f"[demo] 2/6 TiDAR conversion ({cfg_b.num_steps} steps, alpha {cfg_b.tidar.alpha:g}) -> {out}/tidar",
           flush=True)
-    sb = train(cfg_b, os.path.join(out, "tidar"))
+    sb = _phase(cfg_b, os.path.join(out, "tidar"))
     print(f"[demo]     control: AR continuation of the base, same {cfg_ctl.num_steps} steps -> {out}/base_ar_cont",
           flush=True)
-    train(cfg_ctl, os.path.join(out, "base_ar_cont"))
+    _phase(cfg_ctl, os.path.join(out, "base_ar_cont"))
     print(f"[demo] 3/6 diffusion SFT on short and long tasks ({cfg_c.num_steps} steps) -> {out}/sft", flush=True)
-    sc = train(cfg_c, os.path.join(out, "sft"))
+    sc = _phase(cfg_c, os.path.join(out, "sft"))
     print(f"[demo] 4/6 self-distillation on the SFT model's own continuations ({cfg_d.num_steps} steps) -> "
           f"{out}/distill", flush=True)
-    sd = train(cfg_d, os.path.join(out, "distill"))
+    sd = _phase(cfg_d, os.path.join(out, "distill"))
     t_train = time.perf_counter() - t0
 
     print("[demo] 5/6 evaluation", flush=True)

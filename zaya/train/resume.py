@@ -19,6 +19,8 @@ from zaya.config import ConfigError
 
 RESUMABLE = ("num_steps", "log.", "checkpoint.", "eval.", "impl.", "mesh.", "sharding_rules", "grad_accum", "notes",
              "export_model")
+# a phase of a pipeline (``zaya demo``) is redone when its length or batching changed too
+PHASE_RESUMABLE = tuple(p for p in RESUMABLE if p not in ("num_steps", "grad_accum"))
 _SAMPLE = 1 << 16  # bytes read at each of 3 places of a file for its stamp
 
 
@@ -104,9 +106,9 @@ def saved_meta(workdir: str) -> dict | None:
         ck.close()
 
 
-def stale(cfg, workdir: str, allow: tuple[str, ...] = ("log.",)) -> list[str]:
+def stale(cfg, workdir: str, allow: tuple[str, ...] = PHASE_RESUMABLE) -> list[str]:
     """What makes ``workdir`` unfit to resume ``cfg`` (empty when it has no checkpoint or may resume). The default
-    ``allow`` is strict: a pipeline of phases (``zaya demo``) redoes a phase whose schedule changed too."""
+    ``allow`` is a pipeline phase's: ``train``'s, less ``num_steps`` and ``grad_accum``."""
     meta = saved_meta(workdir)
     if meta is None:
         return []
