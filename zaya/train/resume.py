@@ -88,8 +88,8 @@ def check(meta: dict, cfg_dict: dict, init_stamp: str | None, where: str, allow:
     if diff:
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
         raise ResumeConflict(f"{where} was trained under another experiment ({shown}). Resuming would mix two "
-                             "experiments in one run: give this run a fresh workdir, or move that folder aside (nothing "
-                             "is deleted for you).")
+                             "experiments in one run: give this run a fresh workdir, or move that folder aside "
+                             "(nothing is deleted for you).")
 
 
 def saved_meta(workdir: str) -> dict | None:
