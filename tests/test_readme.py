@@ -25,7 +25,7 @@ README = os.path.join(ROOT, "README.md")
 # Blocks not run here, by their first line: who runs them.
 NOT_RUN = {
     'pip install -e ".[dev]" && zaya demo --out /tmp/zaya_demo': "CI's install and main job (.ci/run: ci:install)",
-    "python -m pytest -x -q -n 2 --dist loadgroup --reruns 1 --rerun-except . tests":
+    "python -m pytest -x -q -n 2 --reruns 1 --rerun-except . tests":
         "CI's test job (.ci/run: ci:test), of which this test is a part",
     "zaya/            the package": "not code: the package layout",
 }

@@ -14,8 +14,7 @@ from zaya.model.params import init
 from zaya.tidar.objective import TidarOptions, loss_fn
 
 BLOCK = 8
-pytestmark = [pytest.mark.numerics,  # trains a model: its behaviour depends on the CPU's rounding
-              pytest.mark.xdist_group("samplers_trained")]  # one worker (CI: --dist loadgroup) trains it once
+pytestmark = pytest.mark.numerics  # trains a model: its behaviour depends on the CPU's rounding
 
 
 @pytest.fixture(scope="module")

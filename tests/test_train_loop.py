@@ -14,9 +14,6 @@ import pytest
 from zaya.train import configs
 from zaya.train.logs import read_jsonl
 
-# one xdist worker runs this module (CI: --dist loadgroup), so its training fixtures are built once, not per worker
-pytestmark = pytest.mark.xdist_group("train_loop")
-
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 EXP = os.path.join(ROOT, "experiments")
 # small and quick to compile (XLA opt level 0); the trajectory checks do not depend on the XLA options
