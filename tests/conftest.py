@@ -99,8 +99,10 @@ def bpe_tokenizer(path, texts):
 # clean-clone CI run, 2026-12-05 stop 18) weakens that: SIGSEGV in the compile of zaya.generate's AOT executable
 # (tests/test_samplers_trained.py), default options. The fourth (a local full run, 2026-12-05 stop 19, no other load)
 # too: zaya.generate's AOT compile (tests/test_samplers.py test_lossless_samplers_match_ar_distribution), default
-# options, under the persistent compilation cache's _compile_and_write_cache. What the four share: an XLA:CPU
-# compile, while the other worker compiles too.
+# options, under the persistent compilation cache's _compile_and_write_cache. The fifth (a clean-clone CI run, stop
+# 19): zaya.generate's AOT compile once more (tests/test_sharding.py). That run used `--dist loadgroup`, under which
+# the controller hung with no workers after the crash instead of rerunning the test: keep the default scheduling.
+# What the five share: an XLA:CPU compile, while the other worker compiles too.
 
 @pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin, which points it at stderr
 def pytest_configure(config):
