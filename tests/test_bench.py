@@ -63,6 +63,23 @@ def test_samplers_smoke(tmp_path):
     assert "decode loop: host" in (tmp_path / "samplers.md").read_text()
 
 
+def test_compare_pads_every_batch_to_one_length(monkeypatch):
+    """Prompts in different 16-token length buckets (3 and 21 tokens) decode at one padded length, so one compiled
+    program serves every batch; the tokens stay AR's."""
+    import zaya
+    m = samplers.common.random_model("tiny", "float32", std=0.3)
+    seen, real = [], zaya.generate
+
+    def spy(model, rows, **kw):
+        seen.append(-(-max(map(len, rows)) // kw["pad_to"]) * kw["pad_to"])
+        return real(model, rows, **kw)
+    monkeypatch.setattr(zaya, "generate", spy)
+    prompts = [[2, 7, 9], [2] + list(range(10, 30))]
+    cfg = dict(sampler="two_forward", block_size=2, levels=None, acceptance="greedy", batch=1)
+    r = samplers.compare(m, prompts, cfg, max_new_tokens=3, repeats=1)
+    assert set(seen) == {32} and r["equal_ar"] is True and r["tokens"] == 6
+
+
 def test_pooled_stats_equal_one_run_over_all_rows():
     """Pooling batch-by-batch results reproduces the counts of the runs (acceptance from raw counts, not averages)."""
     import zaya

@@ -188,14 +188,17 @@ def oracle_steps(results, per_step: int, first_free: int = 1) -> int:
 def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, temperature: float = 0.0,
             ar_cache: dict | None = None, eos_id: int | None = None, loop: str = "host") -> dict:
     """Run ``cfg`` and AR over all ``prompts`` in batches of ``cfg['batch']`` rows, interleaved ``repeats`` times
-    after one warm-up each; pooled stats and medians of the summed decode seconds."""
+    after one warm-up each; pooled stats and medians of the summed decode seconds. Every batch is padded to the
+    longest prompt of the set (rounded up to 16), so one compiled prefill and loop serve them all: prompts of
+    20-120 tokens would otherwise compile a program per 16-token length bucket, for every sampler."""
     import zaya
     B = cfg["batch"]
     batches = [prompts[i:i + B] for i in range(0, len(prompts), B)]
+    pad_to = -(-max(map(len, prompts)) // 16) * 16
 
     def gen(sampler, **o):
         return [zaya.generate(model, p, sampler=sampler, max_new_tokens=max_new_tokens, temperature=temperature,
-                              eos_id=eos_id, loop=loop, **o) for p in batches]
+                              eos_id=eos_id, loop=loop, pad_to=pad_to, **o) for p in batches]
     key = (len(prompts), B, max_new_tokens, temperature, eos_id, loop)
     ar_cache = {} if ar_cache is None else ar_cache
     if key not in ar_cache:

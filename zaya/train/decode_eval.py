@@ -56,10 +56,11 @@ def decode_tasks(model, tidar: dict, num_prompts: int = 32, task_sets=("short", 
     for ts in task_sets:
         prompts = task_prompts(ts, num_prompts, seed)
         batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+        pad_to = -(-max(map(len, prompts)) // 16) * 16  # one compiled program for every batch of the set
 
         def gen(**o):
             return [zaya.generate(model, p, max_new_tokens=MAX_NEW[ts], eos_id=model.config.eos_token_id,
-                                  loop="device", **o) for p in batches]
+                                  loop="device", pad_to=pad_to, **o) for p in batches]
         ar, blk = gen(sampler="ar"), gen(**opts)
         st = pooled(blk)
         same = [a == b for x, y in zip(ar, blk) for a, b in zip(x.tokens, y.tokens)]
