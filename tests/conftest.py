@@ -127,18 +127,24 @@ def pytest_configure(config):
 
 def crash_report(text: str, max_lines: int = 60) -> str:
     """The useful part of a faulthandler dump: the error line and the crashing thread's stack (the last frames of
-    the other threads and the extension-module list are left out)."""
+    the other threads and the extension-module list are left out). A signal raised on a thread without Python
+    frames (e.g. SIGABRT from an XLA compile thread) marks no "Current thread": then the deepest Python stack, the
+    test's own thread, stands for it."""
     lines = text.splitlines()
     head = [ln for ln in lines[:3] if ln.startswith("Fatal Python error")]
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("Current thread")), None)
-    if start is None:
+    stacks, body = [], None
+    for ln in lines:
+        if ln.startswith(("Current thread", "Thread ")):
+            body = [ln]
+            stacks.append(body)
+        elif body is not None and ln.startswith(" "):
+            body.append(ln)
+        else:
+            body = None
+    if not stacks:
         return "\n".join(lines[:max_lines])
-    body = []
-    for ln in lines[start:]:
-        if body and not ln.startswith(" "):
-            break
-        body.append(ln)
-    return "\n".join(head + body[:max_lines])
+    current = [b for b in stacks if b[0].startswith("Current thread")]
+    return "\n".join(head + (current or [max(stacks, key=len)])[0][:max_lines])
 
 
 def pytest_terminal_summary(terminalreporter, config):

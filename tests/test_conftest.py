@@ -65,6 +65,17 @@ def test_a_crashed_worker_reruns_once_and_an_ordinary_failure_never(tmp_path):
     assert "died (its stack, from faulthandler)" in r.stdout and "in test_crash_once" in r.stdout
 
 
+def test_crash_report_without_a_current_thread_keeps_the_deepest_stack():
+    """SIGABRT raised on a thread with no Python frames: no "Current thread" line; the test's thread (deepest) is kept."""
+    from conftest import crash_report
+    dump = ("Fatal Python error: Aborted\n\nThread 0x1 (most recent call first):\n  File \"t.py\", line 1 in wait\n\n"
+            "Thread 0x2 (most recent call first):\n  File \"jax.py\", line 9 in compile\n  File \"test_a.py\", line 3 in "
+            "fixture\n\nExtension modules: numpy (total: 1)\n")
+    assert crash_report(dump).splitlines() == ["Fatal Python error: Aborted", "Thread 0x2 (most recent call first):",
+                                               '  File "jax.py", line 9 in compile',
+                                               '  File "test_a.py", line 3 in fixture']
+
+
 def test_crash_report_keeps_the_error_and_the_crashing_thread():
     from conftest import crash_report
     dump = ("Fatal Python error: Segmentation fault\n\nThread 0x1 (most recent call first):\n  File \"a.py\", line 1 "
