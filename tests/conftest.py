@@ -8,7 +8,7 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip()
 # Tests compile hundreds of tiny programs and run each for milliseconds: LLVM's -O0 code generation cuts the
-# suite's wall time by about a quarter. A user's own optimization level (XLA_FLAGS) is kept.
+# suite's wall time by about a fifth. A user's own optimization level (XLA_FLAGS) is kept.
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

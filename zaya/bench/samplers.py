@@ -185,6 +185,11 @@ def oracle_steps(results, per_step: int, first_free: int = 1) -> int:
     return sum(max((-(-max(len(t) - first_free, 0) // per_step) for t in r.tokens), default=0) for r in results)
 
 
+def set_pad(prompts, multiple: int = 16) -> int:
+    """The padded prompt length shared by every batch of ``prompts``: the longest, rounded up to ``multiple``."""
+    return -(-max(map(len, prompts)) // multiple) * multiple
+
+
 def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, temperature: float = 0.0,
             ar_cache: dict | None = None, eos_id: int | None = None, loop: str = "host") -> dict:
     """Run ``cfg`` and AR over all ``prompts`` in batches of ``cfg['batch']`` rows, interleaved ``repeats`` times
@@ -194,7 +199,7 @@ def compare(model, prompts, cfg: dict, max_new_tokens: int, repeats: int = 3, te
     import zaya
     B = cfg["batch"]
     batches = [prompts[i:i + B] for i in range(0, len(prompts), B)]
-    pad_to = -(-max(map(len, prompts)) // 16) * 16
+    pad_to = set_pad(prompts)
 
     def gen(sampler, **o):
         return [zaya.generate(model, p, sampler=sampler, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -45,7 +45,7 @@ def decode_tasks(model, tidar: dict, num_prompts: int = 32, task_sets=("short", 
     (fraction of rows whose tokens equal greedy AR's: 1.0 for a lossless rule), ``acc_<set>`` (acceptance by draft
     position, the fraction of drafts accepted among those reached). ``model``: a folder or a loaded model."""
     import zaya
-    from zaya.bench.samplers import pooled
+    from zaya.bench.samplers import pooled, set_pad
     if isinstance(model, str):
         model = zaya.load(model)
     if model.config.vocab_size < 261:
@@ -56,7 +56,7 @@ def decode_tasks(model, tidar: dict, num_prompts: int = 32, task_sets=("short", 
     for ts in task_sets:
         prompts = task_prompts(ts, num_prompts, seed)
         batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-        pad_to = -(-max(map(len, prompts)) // 16) * 16  # one compiled program for every batch of the set
+        pad_to = set_pad(prompts)  # one compiled program for every batch of the set
 
         def gen(**o):
             return [zaya.generate(model, p, max_new_tokens=MAX_NEW[ts], eos_id=model.config.eos_token_id,

@@ -154,9 +154,7 @@ class Run:
          self.impl, self.step_fn) = step_setup(cfg, loss_fn)
         self.loss_fn = loss_fn
         self.tok = check_inputs(cfg, self.model_cfg)
-        # None when init_from is gone: a resume reads params from its checkpoint (only a fresh start needs the model)
-        self.init_stamp = (resume.model_stamp(resolve_model_dir(cfg.init_from))
-                           if cfg.init_from and os.path.isdir(cfg.init_from) else None)
+        self.init_stamp = resume.init_stamp(cfg.init_from)
         import grain
         from zaya.data import pipeline
         self.shard = grain.sharding.ShardOptions(*batch_shard(self.mesh, self.dp))  # this process's batch rows

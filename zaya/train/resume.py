@@ -112,9 +112,14 @@ def stale(cfg, workdir: str, allow: tuple[str, ...] = PHASE_RESUMABLE) -> list[s
     meta = saved_meta(workdir)
     if meta is None:
         return []
+    return conflicts(meta, json.loads(cfg.to_json()), init_stamp(cfg.init_from), allow)
+
+
+def init_stamp(init_from: str) -> str | None:
+    """The stamp of a run's ``init_from`` model (a model folder or a workdir holding ``model/``); None when there is
+    none, or it is gone: a resume reads its params from the checkpoint, so only a fresh start needs the model."""
     from zaya.train.loop import resolve_model_dir
-    init = resolve_model_dir(cfg.init_from) if cfg.init_from and os.path.isdir(cfg.init_from) else None
-    return conflicts(meta, json.loads(cfg.to_json()), model_stamp(init), allow)
+    return model_stamp(resolve_model_dir(init_from)) if init_from and os.path.isdir(init_from) else None
 
 
 def move_aside(workdir: str) -> str:
