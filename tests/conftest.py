@@ -109,8 +109,8 @@ def bpe_tokenizer(path, texts):
 # What the five share: an XLA:CPU compile, while the other worker compiles too. The sixth and seventh (stop 20, the
 # first two full runs with the suite-wide -O0 below): zaya.generate's AOT compile (tests/test_samplers.py, SIGSEGV,
 # local) and a jit compile in tests/test_samplers_trained.py's fixture (SIGABRT from a thread without a Python frame,
-# clean-clone CI run); both reran and passed. -O0 may make them more frequent (2 in 2 runs, against about 1 in 3
-# before): a crash costs the rerun, about 30 s. The multi-process and launch tests' children, whose crash could not
+# clean-clone CI run); the eighth, SIGABRT again, in zaya.generate's AOT compile (test_samplers.py, clean-clone CI
+# run); all reran and passed. -O0 may make them more frequent (3 in 3 runs, against about 1 in 3 before): a crash costs the rerun, about 30 s. The multi-process and launch tests' children, whose crash could not
 # be rerun, compile at the default level (tests/multihost.py and tests/test_launch.py drop XLA_FLAGS).
 
 @pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin, which points it at stderr
